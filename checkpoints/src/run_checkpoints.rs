@@ -1,0 +1,275 @@
+//! Training checkpoints of a run: `RUN/checkpoints/step-00000100/` folders holding named
+//! tensor files and a `state.json`, sealed by a `manifest.json` of SHA-256 checksums.
+//!
+//! A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed
+//! into place, so a crash mid-save leaves the previous checkpoints untouched. On resume each
+//! candidate is verified against its manifest; a damaged one is reported and skipped.
+
+use crate::atomic;
+use crate::safetensors_io::{write_safetensors, HostTensor, StoreDtype, WeightSource};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const STATE_FILE: &str = "state.json";
+
+/// What goes into one checkpoint: tensor files by name (`model`, `optimizer`, ...) and a
+/// JSON state (step, data cursor, seeds).
+pub struct CheckpointContents {
+    pub tensor_files: Vec<(String, Vec<(String, HostTensor)>)>,
+    pub state: Value,
+}
+
+/// A verified checkpoint on disk.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub step: u64,
+}
+
+impl Checkpoint {
+    pub fn state(&self) -> Result<Value> {
+        crate::read_json(&self.dir.join(STATE_FILE))
+    }
+
+    pub fn tensors(&self, file: &str) -> Result<WeightSource> {
+        WeightSource::open(&[self.dir.join(format!("{file}.safetensors"))])
+    }
+}
+
+/// The checkpoint folder of a run.
+pub struct CheckpointDir {
+    pub root: PathBuf,
+}
+
+fn step_folder_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl CheckpointDir {
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            root: run_dir.join("checkpoints"),
+        }
+    }
+
+    /// Writes the checkpoint of `step` atomically, then deletes all but the newest `keep_last`.
+    pub fn save(
+        &self,
+        step: u64,
+        contents: &CheckpointContents,
+        keep_last: usize,
+    ) -> Result<Checkpoint> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create {}", self.root.display()))?;
+        let final_dir = self.root.join(step_folder_name(step));
+        let staging = self.root.join(format!(
+            ".staging-{}-{}",
+            step_folder_name(step),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create {}", staging.display()))?;
+
+        let mut manifest = BTreeMap::new();
+        for (name, tensors) in &contents.tensor_files {
+            let file = format!("{name}.safetensors");
+            write_safetensors(&staging.join(&file), tensors, StoreDtype::F32, None)?;
+            manifest.insert(file.clone(), sha256_hex(&fs::read(staging.join(&file))?));
+        }
+        let state = serde_json::to_vec_pretty(&contents.state)?;
+        atomic::write_file(&staging.join(STATE_FILE), &state)?;
+        manifest.insert(STATE_FILE.to_string(), sha256_hex(&state));
+        let manifest = serde_json::json!({ "step": step, "sha256": manifest });
+        atomic::write_file(
+            &staging.join(MANIFEST_FILE),
+            &serde_json::to_vec_pretty(&manifest)?,
+        )?;
+        atomic::sync_parent(&staging.join(MANIFEST_FILE));
+
+        // Replacing an existing checkpoint of the same step: move it aside first, so that at
+        // every instant one complete copy exists.
+        let displaced = self.root.join(format!(
+            ".old-{}-{}",
+            step_folder_name(step),
+            std::process::id()
+        ));
+        let had_old = final_dir.exists();
+        if had_old {
+            fs::rename(&final_dir, &displaced)?;
+        }
+        fs::rename(&staging, &final_dir)
+            .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+        atomic::sync_parent(&final_dir);
+        if had_old {
+            let _ = fs::remove_dir_all(&displaced);
+        }
+        self.prune(keep_last)?;
+        Ok(Checkpoint {
+            dir: final_dir,
+            step,
+        })
+    }
+
+    /// Checkpoint folders by step, newest first, unverified.
+    pub fn list(&self) -> Result<Vec<Checkpoint>> {
+        let mut found = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Ok(found);
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+                found.push(Checkpoint {
+                    dir: entry.path(),
+                    step,
+                });
+            }
+        }
+        found.sort_by_key(|c| std::cmp::Reverse(c.step));
+        Ok(found)
+    }
+
+    fn prune(&self, keep_last: usize) -> Result<()> {
+        for old in self.list()?.into_iter().skip(keep_last.max(1)) {
+            fs::remove_dir_all(&old.dir)
+                .with_context(|| format!("cannot remove {}", old.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The newest checkpoint that passes verification. Damaged ones are reported through
+    /// `warn` and skipped. `None` when the run has no checkpoint yet.
+    pub fn latest_valid(&self, mut warn: impl FnMut(String)) -> Result<Option<Checkpoint>> {
+        for candidate in self.list()? {
+            match verify(&candidate.dir) {
+                Ok(()) => return Ok(Some(candidate)),
+                Err(error) => warn(format!(
+                    "checkpoint {} is damaged ({error:#}); trying the previous one",
+                    candidate.dir.display()
+                )),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Checks every file of a checkpoint against its manifest.
+pub fn verify(dir: &Path) -> Result<()> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    if !manifest_path.exists() {
+        bail!("no {MANIFEST_FILE}: the save did not finish");
+    }
+    let manifest = crate::read_json(&manifest_path)?;
+    let Some(files) = manifest["sha256"].as_object() else {
+        bail!("{} has no `sha256` table", manifest_path.display());
+    };
+    for (file, expected) in files {
+        let path = dir.join(file);
+        let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if Some(sha256_hex(&bytes).as_str()) != expected.as_str() {
+            bail!("{} does not match its checksum", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Opens a checkpoint named on the command line, verified.
+pub fn open_checkpoint(dir: &Path) -> Result<Checkpoint> {
+    verify(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+    let manifest = crate::read_json(&dir.join(MANIFEST_FILE))?;
+    let step = manifest["step"]
+        .as_u64()
+        .context("manifest.json has no `step`")?;
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        step,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contents(value: f32) -> CheckpointContents {
+        CheckpointContents {
+            tensor_files: vec![(
+                "model".into(),
+                vec![("w".into(), HostTensor::new(vec![2], vec![value, 1.0]))],
+            )],
+            state: serde_json::json!({ "step": value }),
+        }
+    }
+
+    fn fresh(name: &str) -> CheckpointDir {
+        let dir = std::env::temp_dir().join(format!("ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        CheckpointDir::new(&dir)
+    }
+
+    #[test]
+    fn keeps_the_last_k_and_finds_the_newest() {
+        let dir = fresh("keep");
+        for step in [10, 20, 30, 40] {
+            dir.save(step, &contents(step as f32), 2).unwrap();
+        }
+        let steps: Vec<u64> = dir.list().unwrap().iter().map(|c| c.step).collect();
+        assert_eq!(steps, vec![40, 30]);
+        let latest = dir.latest_valid(|w| panic!("{w}")).unwrap().unwrap();
+        assert_eq!(latest.step, 40);
+        assert_eq!(
+            latest.tensors("model").unwrap().get("w").unwrap().data,
+            vec![40.0, 1.0]
+        );
+    }
+
+    #[test]
+    fn flipped_byte_and_truncation_are_detected_and_skipped() {
+        for damage in ["flip", "truncate", "unfinished"] {
+            let dir = fresh(damage);
+            dir.save(1, &contents(1.0), 3).unwrap();
+            let newest = dir.save(2, &contents(2.0), 3).unwrap();
+            let file = newest.dir.join("model.safetensors");
+            let mut bytes = fs::read(&file).unwrap();
+            match damage {
+                "flip" => {
+                    let last = bytes.len() - 1;
+                    bytes[last] ^= 0x01;
+                    fs::write(&file, bytes).unwrap();
+                }
+                "truncate" => fs::write(&file, &bytes[..bytes.len() / 2]).unwrap(),
+                _ => fs::remove_file(newest.dir.join(MANIFEST_FILE)).unwrap(),
+            }
+            let mut warnings = vec![];
+            let chosen = dir.latest_valid(|w| warnings.push(w)).unwrap().unwrap();
+            assert_eq!(chosen.step, 1, "{damage}");
+            assert_eq!(warnings.len(), 1, "{damage}");
+            assert!(warnings[0].contains("step-00000002"), "{}", warnings[0]);
+        }
+    }
+
+    #[test]
+    fn a_leftover_staging_folder_is_ignored() {
+        let dir = fresh("staging");
+        dir.save(5, &contents(5.0), 3).unwrap();
+        // A crash mid-save leaves a staging folder behind: it is not a checkpoint.
+        fs::create_dir_all(dir.root.join(".staging-step-00000006-1")).unwrap();
+        assert_eq!(
+            dir.latest_valid(|w| panic!("{w}")).unwrap().unwrap().step,
+            5
+        );
+    }
+}

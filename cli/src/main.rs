@@ -1,0 +1,133 @@
+//! `trainer`: run recipes, generate text, and export checkpoints.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use datasets::{ChatMessage, TextTokenizer};
+use std::path::PathBuf;
+use std::time::Instant;
+use trainer::backend::DeviceSpec;
+use trainer::generate::{generate, GenerationConfig};
+use trainer::sampling::SamplingParams;
+use trainer::{with_backend, CausalLm};
+
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Training and fine-tuning recipes on Burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the recipes, one line each.
+    Recipes,
+    /// Generate a continuation of a prompt with a Hugging Face model folder.
+    Generate(GenerateArgs),
+    /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn of the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Hugging Face model folder to read.
+    #[arg(long)]
+    model: PathBuf,
+    /// Folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Recipes => {
+            for recipe in recipes::ALL {
+                println!("{:<14} {}", recipe.name, recipe.summary);
+            }
+            Ok(())
+        }
+        Command::Generate(args) => run_generate(args),
+        Command::Export(args) => {
+            let dtype = checkpoints::StoreDtype::parse(&args.dtype)?;
+            let model = CausalLm::<trainer::Cpu>::load(&args.model, &Default::default())?;
+            model.save(&args.out, dtype, Some(&args.model))?;
+            println!("wrote {}", args.out.display());
+            Ok(())
+        }
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let device = DeviceSpec::parse(&args.device)?.ensure_available()?;
+    let tokenizer = TextTokenizer::from_folder(&args.model)?;
+    let text = if args.chat {
+        tokenizer.apply_chat_template(&[ChatMessage::new("user", &args.prompt)], true)?
+    } else {
+        args.prompt.clone()
+    };
+    // Chat-rendered text already holds its special tokens.
+    let prompt = tokenizer.encode(&text, !args.chat)?;
+    with_backend!(device, |B, device| {
+        let model = CausalLm::<B>::load(&args.model, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let mut stop_tokens = model.config.eos_token_ids.clone();
+        stop_tokens.extend(tokenizer.stop_ids());
+        let config = GenerationConfig {
+            max_new_tokens: args.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                top_p: args.top_p,
+            },
+            seed: args.seed,
+            stop_tokens,
+            pad_id: tokenizer.pad_id(),
+        };
+        let start = Instant::now();
+        let generated = generate(&model, &[prompt], &config)?;
+        let seconds = start.elapsed().as_secs_f64();
+        println!("{}", tokenizer.decode(&generated.tokens[0], true)?);
+        eprintln!(
+            "[{} tokens in {seconds:.2}s, {:.1} tokens/s]",
+            generated.num_tokens(),
+            generated.num_tokens() as f64 / seconds
+        );
+    });
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Forward and generation throughput of a fixed small Llama config.
+//!
+//!     cargo bench -p trainer --bench model_throughput             # CPU
+//!     cargo bench -p trainer --features cuda --bench model_throughput -- cuda
+//!
+//! Prints tokens/s; results go in BENCHMARKS.md with the machine and date.
+
+use burn::prelude::*;
+use std::time::Instant;
+use trainer::backend::DeviceSpec;
+use trainer::generate::{generate, GenerationConfig};
+use trainer::model::init::ParamInit;
+use trainer::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
+use trainer::sampling::SamplingParams;
+use trainer::{with_backend, CausalLm, LlamaConfig};
+
+const BATCH: usize = 4;
+const PROMPT: usize = 128;
+const NEW_TOKENS: usize = 64;
+
+fn bench_config() -> LlamaConfig {
+    // ~10M parameters: vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads.
+    let mut config = LlamaConfig::tiny(8192, 384, 6, 6, 2);
+    config.intermediate_size = 1024;
+    config
+}
+
+fn run<B: Backend>(device: B::Device, label: &str) {
+    let config = bench_config();
+    let model = CausalLm::<B>::new(&config, &mut ParamInit::normal(0, 0.02), &device);
+    let prompts: Vec<Vec<u32>> = (0..BATCH)
+        .map(|b| {
+            (0..PROMPT)
+                .map(|i| ((i * 31 + b * 7) % config.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    let batch = PaddedBatch::left_padded(&prompts, 0);
+    let forward = || {
+        let logits = model.forward(
+            token_tensor(&batch.tokens, &device),
+            int_tensor(&batch.positions(), &device),
+            causal_mask(&batch.valid, batch.width(), &device),
+        );
+        // Reading one value waits for the device to finish.
+        let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
+    };
+    forward(); // warm-up
+    let repeats = 5;
+    let start = Instant::now();
+    for _ in 0..repeats {
+        forward();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let forward_tps = (repeats * BATCH * PROMPT) as f64 / seconds;
+
+    let gen_config = GenerationConfig {
+        max_new_tokens: NEW_TOKENS,
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        },
+        seed: 0,
+        stop_tokens: vec![],
+        pad_id: 0,
+    };
+    let _ = generate(&model, &prompts, &gen_config).unwrap(); // warm-up
+    let start = Instant::now();
+    let generated = generate(&model, &prompts, &gen_config).unwrap();
+    let gen_seconds = start.elapsed().as_secs_f64();
+    let gen_tps = generated.num_tokens() as f64 / gen_seconds;
+
+    println!(
+        "{label}: {:.1}M params, batch {BATCH} x {PROMPT} tokens | forward {forward_tps:.0} tokens/s | \
+         generation ({NEW_TOKENS} new tokens per sequence, KV cache) {gen_tps:.1} tokens/s",
+        config.num_parameters() as f64 / 1e6
+    );
+}
+
+fn main() {
+    let device = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(|a| DeviceSpec::parse(&a).expect("device"))
+        .unwrap_or(DeviceSpec::Cpu);
+    let outcome: anyhow::Result<()> = (|| {
+        with_backend!(device, |B, dev| run::<B>(dev, &format!("{device:?}")));
+        Ok(())
+    })();
+    outcome.expect("benchmark");
+}

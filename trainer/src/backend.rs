@@ -1,0 +1,92 @@
+//! Backends and devices. Tests and the default run use the CPU backend (`flex`);
+//! the `cuda` feature adds NVIDIA GPUs.
+
+use anyhow::{bail, Result};
+
+/// The CPU backend.
+pub type Cpu = burn::backend::Flex;
+pub type CpuDevice = burn::backend::flex::FlexDevice;
+/// The CPU backend with automatic differentiation, for training.
+pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
+
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda;
+
+/// A device named on the command line: `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim().to_ascii_lowercase();
+        if text == "cpu" {
+            return Ok(Self::Cpu);
+        }
+        if text == "cuda" {
+            return Ok(Self::Cuda(0));
+        }
+        if let Some(index) = text.strip_prefix("cuda:") {
+            if let Ok(index) = index.parse() {
+                return Ok(Self::Cuda(index));
+            }
+        }
+        bail!("unknown device `{text}` (expected cpu, cuda or cuda:N)")
+    }
+
+    /// Fails with a clear message when the device needs a feature this binary lacks.
+    pub fn ensure_available(self) -> Result<Self> {
+        if let Self::Cuda(_) = self {
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "this trainer binary was built without CUDA support; rebuild with \
+                     `cargo build --release --features cuda`"
+                );
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Runs `$body` with `B` bound to the backend of `$spec` and `device` to its device.
+/// Keeps generic code generic while the command line picks the hardware at run time.
+#[macro_export]
+macro_rules! with_backend {
+    ($spec:expr, |$B:ident, $device:ident| $body:expr) => {{
+        match $spec {
+            $crate::backend::DeviceSpec::Cpu => {
+                type $B = $crate::backend::Cpu;
+                let $device = $crate::backend::CpuDevice::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::DeviceSpec::Cuda(index) => {
+                type $B = $crate::backend::Cuda;
+                let $device = burn::backend::cuda::CudaDevice::new(index);
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            spec @ $crate::backend::DeviceSpec::Cuda(_) => {
+                spec.ensure_available()?;
+                unreachable!()
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_rejects_junk() {
+        assert_eq!(DeviceSpec::parse("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(DeviceSpec::parse("CUDA").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(DeviceSpec::parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        let err = DeviceSpec::parse("tpu").unwrap_err().to_string();
+        assert!(err.contains("tpu"), "{err}");
+        assert!(DeviceSpec::parse("cuda:x").is_err());
+    }
+}

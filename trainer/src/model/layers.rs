@@ -1,0 +1,217 @@
+//! Building blocks shared by the model families.
+
+use super::init::ParamInit;
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+/// A linear layer in the Hugging Face layout: `weight` is `[out, in]`, so checkpoints load
+/// without transposes. It can carry a LoRA adapter.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        init: &mut ParamInit,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            weight: init.tensor([d_out, d_in], device),
+            bias: bias.then(|| init.constant([d_out], 0.0, device)),
+            lora: None,
+        }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.lazy_shape()[1]
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.lazy_shape()[0]
+    }
+
+    /// `x @ weight^T + bias (+ LoRA)`, over any number of leading dimensions.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut y = matmul_last(x.clone(), self.weight.val());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze();
+        }
+        if let Some(lora) = &self.lora {
+            y = y + lora.forward(x);
+        }
+        y
+    }
+}
+
+/// `x[..., in] @ w[out, in]^T` for any rank of `x`.
+fn matmul_last<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = x.shape().num_elements() / d_in;
+    let y = x.reshape([rows, d_in]).matmul(w.transpose());
+    dims[D - 1] = y.dims()[1];
+    y.reshape(dims)
+}
+
+/// Low-rank adapter: `scale * (x @ A^T) @ B^T`, with `A: [r, in]`, `B: [out, r]`.
+/// B starts at zero so a fresh adapter leaves the layer's output unchanged.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>,
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// alpha / rank
+    #[module(skip)]
+    pub scale: f32,
+}
+
+impl<B: Backend> Lora<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let down = matmul_last(x, self.lora_a.val());
+        matmul_last(down, self.lora_b.val()).mul_scalar(self.scale)
+    }
+}
+
+/// Root-mean-square norm, computed as `transformers` does: `weight * x / sqrt(mean(x^2) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn new(dim: usize, eps: f64, init: &mut ParamInit, device: &B::Device) -> Self {
+        Self {
+            weight: init.constant([dim], 1.0, device),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let variance = x.clone().square().mean_dim(D - 1);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// Token embedding table `[vocab, hidden]`.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.weight.val(), tokens)
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct SwiGluMlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> SwiGluMlp<B> {
+    pub fn new(hidden: usize, inner: usize, init: &mut ParamInit, device: &B::Device) -> Self {
+        Self {
+            gate_proj: Linear::new(hidden, inner, false, init, device),
+            up_proj: Linear::new(hidden, inner, false, init, device),
+            down_proj: Linear::new(inner, hidden, false, init, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gated = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        self.down_proj.forward(gated)
+    }
+}
+
+/// Rotary position embedding in the Hugging Face convention (`rotate_half`: the two halves
+/// of each head are the two coordinates of a rotated pair).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// One inverse frequency per rotated pair: `head_dim / 2` values.
+    pub inv_freq: Vec<f32>,
+    /// Multiplier on cos and sin (1 except for some scaled variants).
+    pub attention_scaling: f32,
+}
+
+/// cos and sin for a batch of positions, each `[batch, 1, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
+}
+
+impl Rope {
+    /// Plain frequencies `1 / theta^(2i / head_dim)`, in f32 as `transformers` computes them.
+    pub fn default_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
+        (0..head_dim / 2)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect()
+    }
+
+    /// Llama 3's scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    /// blend in between (`_compute_llama3_parameters` in `transformers`).
+    pub fn llama3_inv_freq(
+        base: &[f32],
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_context: f32,
+    ) -> Vec<f32> {
+        let low_freq_wavelen = original_context / low_freq_factor;
+        let high_freq_wavelen = original_context / high_freq_factor;
+        base.iter()
+            .map(|&freq| {
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen > low_freq_wavelen {
+                    freq / factor
+                } else if wavelen < high_freq_wavelen {
+                    freq
+                } else {
+                    let smooth = (original_context / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * freq / factor + smooth * freq
+                }
+            })
+            .collect()
+    }
+
+    pub fn tables<B: Backend>(&self, positions: Tensor<B, 2, Int>) -> RopeTables<B> {
+        let device = positions.device();
+        let half = self.inv_freq.len();
+        let inv_freq =
+            Tensor::<B, 1>::from_floats(self.inv_freq.as_slice(), &device).reshape([1, 1, half]);
+        let freqs = positions.float().unsqueeze_dim::<3>(2) * inv_freq; // [b, s, half]
+        let angles = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
+        let mut cos = angles.clone().cos();
+        let mut sin = angles.sin();
+        if self.attention_scaling != 1.0 {
+            cos = cos.mul_scalar(self.attention_scaling);
+            sin = sin.mul_scalar(self.attention_scaling);
+        }
+        RopeTables { cos, sin }
+    }
+}
+
+impl<B: Backend> RopeTables<B> {
+    /// Rotates `x: [batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, s, d] = x.dims();
+        let first = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+        let second = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
