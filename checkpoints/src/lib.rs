@@ -11,5 +11,6 @@ pub mod names;
 pub mod run_checkpoints;
 pub mod safetensors_io;
 
+pub use hf_folder::save_hf_folder;
 pub use hf_folder::{read_json, HfFolder};
 pub use safetensors_io::{write_safetensors, HostTensor, StoreDtype, WeightSource};

@@ -1,13 +1,16 @@
 //! `trainer`: run recipes, generate text, and export checkpoints.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use datasets::synthetic::{arithmetic_pairs, Style};
 use datasets::{ChatMessage, TextTokenizer};
 use std::path::PathBuf;
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
+use trainer::export::export_checkpoint;
 use trainer::generate::{generate, GenerationConfig};
 use trainer::sampling::SamplingParams;
+use trainer::train::Resume;
 use trainer::{with_backend, CausalLm};
 
 #[derive(Parser)]
@@ -25,6 +28,10 @@ struct Cli {
 enum Command {
     /// List the recipes, one line each.
     Recipes,
+    /// Run a recipe: `trainer recipe sft --config recipes/configs/sft/tiny.toml`.
+    Recipe(RecipeCommand),
+    /// Write built-in synthetic data sets as JSONL.
+    Data(DataArgs),
     /// Generate a continuation of a prompt with a Hugging Face model folder.
     Generate(GenerateArgs),
     /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
@@ -56,10 +63,54 @@ struct GenerateArgs {
 }
 
 #[derive(clap::Args)]
-struct ExportArgs {
+struct RecipeCommand {
+    /// Recipe name (see `trainer recipes`).
+    name: String,
+    /// TOML config; defaults to the recipe's default config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key: `--set train.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// `auto` (newest valid checkpoint of the run folder) or a checkpoint folder.
+    #[arg(long)]
+    resume: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Task: `arithmetic` (multi-step word problems ending in `#### answer`).
+    task: String,
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
+    /// concise or verbose
+    #[arg(long, default_value = "verbose")]
+    style: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Index of the first problem (disjoint ranges give disjoint sets).
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false, id = "source")]
+struct ExportSource {
     /// Hugging Face model folder to read.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
+    /// Training checkpoint folder (`RUN/checkpoints/step-...`); LoRA is merged, and the
+    /// adapter is also written in the PEFT layout to OUT/adapter.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    source: ExportSource,
     /// Folder to write.
     #[arg(long)]
     out: PathBuf,
@@ -83,11 +134,42 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Recipe(args) => {
+            let recipe = recipes::find(&args.name)?;
+            let config = args
+                .config
+                .unwrap_or_else(|| recipes::default_config(recipe).to_path_buf());
+            (recipe.run)(&recipes::RecipeArgs {
+                config,
+                overrides: args.overrides,
+                resume: Resume::parse(args.resume.as_deref()),
+            })
+        }
+        Command::Data(args) => {
+            if args.task != "arithmetic" {
+                bail!("unknown task `{}` (available: arithmetic)", args.task);
+            }
+            let style = match args.style.as_str() {
+                "concise" => Style::Concise,
+                "verbose" => Style::Verbose,
+                other => bail!("unknown style `{other}` (concise or verbose)"),
+            };
+            let pairs = arithmetic_pairs(args.seed, args.first, args.count, style);
+            datasets::records::write_jsonl(&args.out, &pairs)?;
+            println!("wrote {} problems to {}", pairs.len(), args.out.display());
+            Ok(())
+        }
         Command::Generate(args) => run_generate(args),
         Command::Export(args) => {
             let dtype = checkpoints::StoreDtype::parse(&args.dtype)?;
-            let model = CausalLm::<trainer::Cpu>::load(&args.model, &Default::default())?;
-            model.save(&args.out, dtype, Some(&args.model))?;
+            match (args.source.model, args.source.checkpoint) {
+                (Some(model_dir), _) => {
+                    let model = CausalLm::<trainer::Cpu>::load(&model_dir, &Default::default())?;
+                    model.save(&args.out, dtype, Some(&model_dir))?;
+                }
+                (None, Some(checkpoint)) => export_checkpoint(&checkpoint, &args.out, dtype)?,
+                (None, None) => unreachable!("clap requires a source"),
+            }
             println!("wrote {}", args.out.display());
             Ok(())
         }

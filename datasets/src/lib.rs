@@ -1,6 +1,13 @@
-//! Data for the recipes: tokenizers with chat templates, record sources, batching, and
-//! built-in synthetic tasks.
+//! Data for the recipes: tokenizers with chat templates, record sources, tokenization with
+//! loss masks, padding and packing, resumable shuffling, and built-in synthetic tasks.
 
+pub mod examples;
+pub mod records;
+pub mod sampler;
+pub mod synthetic;
 pub mod tokenizer;
 
+pub use examples::{Template, TokenBatch, TokenRow};
+pub use records::Record;
+pub use sampler::{EpochSampler, SamplerState};
 pub use tokenizer::{ChatMessage, TextTokenizer};

@@ -1,11 +1,59 @@
 //! Recipes: each one a file that reads like its paper's algorithm, built on the engine in
-//! `trainer`. Default configs live in `recipes/configs/<recipe>/`.
+//! `trainer`. Default configs live in `recipes/configs/<recipe>/`, each starting with the
+//! command that runs it.
 
-/// One line of `trainer recipes`.
+pub mod common;
+pub mod sft;
+
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use trainer::backend::DeviceSpec;
+use trainer::config::load_config;
+use trainer::train::Resume;
+use trainer::with_backend;
+
+/// How `trainer recipe` was called.
+pub struct RecipeArgs {
+    pub config: PathBuf,
+    pub overrides: Vec<String>,
+    pub resume: Resume,
+}
+
+/// One line of `trainer recipes`, and how to run it.
 pub struct RecipeInfo {
     pub name: &'static str,
     pub summary: &'static str,
+    pub default_config: &'static str,
+    pub run: fn(&RecipeArgs) -> Result<()>,
 }
 
 /// Every recipe this build can run.
-pub const ALL: &[RecipeInfo] = &[];
+pub const ALL: &[RecipeInfo] = &[RecipeInfo {
+    name: "sft",
+    summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
+    default_config: "recipes/configs/sft/tiny.toml",
+    run: run_sft,
+}];
+
+pub fn find(name: &str) -> Result<&'static RecipeInfo> {
+    ALL.iter().find(|r| r.name == name).ok_or_else(|| {
+        let names: Vec<&str> = ALL.iter().map(|r| r.name).collect();
+        anyhow::anyhow!("unknown recipe `{name}` (available: {})", names.join(", "))
+    })
+}
+
+fn run_sft(args: &RecipeArgs) -> Result<()> {
+    let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
+    let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
+    with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
+        config,
+        &resolved,
+        &args.resume,
+        device
+    ))
+}
+
+/// The default config path of a recipe, relative to the repository root.
+pub fn default_config(info: &RecipeInfo) -> &Path {
+    Path::new(info.default_config)
+}

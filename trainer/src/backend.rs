@@ -52,6 +52,8 @@ impl DeviceSpec {
 
 /// Runs `$body` with `B` bound to the backend of `$spec` and `device` to its device.
 /// Keeps generic code generic while the command line picks the hardware at run time.
+/// (Two definitions: a `cfg` inside a macro body would be read in the calling crate.)
+#[cfg(feature = "cuda")]
 #[macro_export]
 macro_rules! with_backend {
     ($spec:expr, |$B:ident, $device:ident| $body:expr) => {{
@@ -61,13 +63,27 @@ macro_rules! with_backend {
                 let $device = $crate::backend::CpuDevice::default();
                 $body
             }
-            #[cfg(feature = "cuda")]
             $crate::backend::DeviceSpec::Cuda(index) => {
                 type $B = $crate::backend::Cuda;
                 let $device = burn::backend::cuda::CudaDevice::new(index);
                 $body
             }
-            #[cfg(not(feature = "cuda"))]
+        }
+    }};
+}
+
+/// Runs `$body` with `B` bound to the backend of `$spec` and `device` to its device.
+/// This build has no CUDA: asking for it is an error.
+#[cfg(not(feature = "cuda"))]
+#[macro_export]
+macro_rules! with_backend {
+    ($spec:expr, |$B:ident, $device:ident| $body:expr) => {{
+        match $spec {
+            $crate::backend::DeviceSpec::Cpu => {
+                type $B = $crate::backend::Cpu;
+                let $device = $crate::backend::CpuDevice::default();
+                $body
+            }
             spec @ $crate::backend::DeviceSpec::Cuda(_) => {
                 spec.ensure_available()?;
                 unreachable!()

@@ -1,11 +1,20 @@
 //! The engine shared by every recipe: model modules, weight loading and saving,
-//! generation, and the devices they run on.
+//! generation, the training loop with its optimizer, schedule, checkpoints and metrics,
+//! LoRA, configs, and the devices they run on.
 
 pub mod backend;
+pub mod config;
+pub mod export;
 pub mod generate;
+pub mod lora;
+pub mod loss;
+pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod sampling;
+pub mod schedule;
+pub mod train;
 pub mod weights;
 
-pub use backend::{Cpu, CpuDevice};
+pub use backend::{Cpu, CpuAutodiff, CpuDevice};
 pub use model::llama::{CausalLm, LlamaConfig};

@@ -69,10 +69,20 @@ pub struct Lora<B: Backend> {
     /// alpha / rank
     #[module(skip)]
     pub scale: f32,
+    /// Dropout on the adapter's input, active only while gradients are tracked.
+    #[module(skip)]
+    pub dropout: f32,
 }
 
 impl<B: Backend> Lora<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout as f64;
+            let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+            x * mask.div_scalar(keep)
+        } else {
+            x
+        };
         let down = matmul_last(x, self.lora_a.val());
         matmul_last(down, self.lora_b.val()).mul_scalar(self.scale)
     }

@@ -601,6 +601,36 @@ impl<B: Backend> CausalLm<B> {
             .with_context(|| format!("saving model to {}", dir.display()))
     }
 
+    /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`), for
+    /// attaching adapters by name.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{i}");
+            let attn = &mut layer.self_attn;
+            for (name, linear) in [
+                ("q_proj", &mut attn.q_proj),
+                ("k_proj", &mut attn.k_proj),
+                ("v_proj", &mut attn.v_proj),
+                ("o_proj", &mut attn.o_proj),
+            ] {
+                out.push((format!("{prefix}.self_attn.{name}"), linear));
+            }
+            let mlp = &mut layer.mlp;
+            for (name, linear) in [
+                ("gate_proj", &mut mlp.gate_proj),
+                ("up_proj", &mut mlp.up_proj),
+                ("down_proj", &mut mlp.down_proj),
+            ] {
+                out.push((format!("{prefix}.mlp.{name}"), linear));
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), head));
+        }
+        out
+    }
+
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
     }

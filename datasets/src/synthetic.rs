@@ -1,0 +1,215 @@
+//! A built-in reasoning task: multi-step arithmetic word problems with step-by-step
+//! solutions ending in `#### <answer>`, generated from a seed.
+//!
+//! Two solution styles: `Concise` states each step once; `Verbose` adds an opening, repeats
+//! and re-checks steps a random number of times (0 to 3 re-checks per step) and restates
+//! the answer. The spread of lengths within the verbose style is what lets on-policy SFT
+//! find short correct answers among a verbose model's samples.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Style {
+    Concise,
+    Verbose,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub question: String,
+    pub solution: String,
+    pub answer: i64,
+}
+
+const NAMES: &[&str] = &["Tom", "Ana", "Li", "Sam", "Mia", "Ben", "Eva", "Raj"];
+const ITEMS: &[&str] = &[
+    "apples", "books", "coins", "pens", "cards", "eggs", "shells", "stamps",
+];
+
+enum Operation {
+    Add(i64),
+    Subtract(i64),
+    Multiply(i64),
+}
+
+impl Operation {
+    fn apply(&self, value: i64) -> i64 {
+        match self {
+            Self::Add(n) => value + n,
+            Self::Subtract(n) => value - n,
+            Self::Multiply(n) => value * n,
+        }
+    }
+
+    fn sentence(&self, item: &str) -> String {
+        match self {
+            Self::Add(n) => format!("Then they get {n} more {item}."),
+            Self::Subtract(n) => format!("Then they give away {n} {item}."),
+            Self::Multiply(n) => format!("Then the number of {item} becomes {n} times as many."),
+        }
+    }
+
+    fn equation(&self, before: i64) -> String {
+        match self {
+            Self::Add(n) => format!("{before} + {n} = {}", before + n),
+            Self::Subtract(n) => format!("{before} - {n} = {}", before - n),
+            Self::Multiply(n) => format!("{before} * {n} = {}", before * n),
+        }
+    }
+
+    /// The inverse check of a step, e.g. `15 - 12 = 3`.
+    fn check(&self, before: i64) -> String {
+        let after = self.apply(before);
+        match self {
+            Self::Add(n) => format!("{after} - {n} = {before}"),
+            Self::Subtract(n) => format!("{after} + {n} = {before}"),
+            Self::Multiply(n) => format!("{after} / {n} = {before}"),
+        }
+    }
+}
+
+/// Problem `index` of the stream seeded by `seed`, written in `style`. The same
+/// `(seed, index)` gives the same question in both styles.
+pub fn arithmetic_problem(seed: u64, index: u64, style: Style) -> Problem {
+    let mut rng = StdRng::seed_from_u64(seed ^ index.wrapping_mul(0xD134_2543_DE82_EF95));
+    let name = NAMES[rng.random_range(0..NAMES.len())];
+    let item = ITEMS[rng.random_range(0..ITEMS.len())];
+    let start: i64 = rng.random_range(2..=20);
+    let mut value = start;
+    let mut operations = Vec::new();
+    for _ in 0..2 {
+        let operation = match rng.random_range(0..3) {
+            0 => Operation::Add(rng.random_range(1..=20)),
+            1 if value > 1 => Operation::Subtract(rng.random_range(1..value)),
+            1 => Operation::Add(rng.random_range(1..=20)),
+            _ => Operation::Multiply(rng.random_range(2..=3)),
+        };
+        value = operation.apply(value);
+        operations.push(operation);
+    }
+    let sentences: Vec<String> = operations.iter().map(|o| o.sentence(item)).collect();
+    let question = format!(
+        "{name} has {start} {item}. {} How many {item} does {name} have now?",
+        sentences.join(" ")
+    );
+
+    // The verbose style's random choices come from their own generator, so the question
+    // stream is the same for both styles.
+    let mut style_rng =
+        StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
+    let mut parts = Vec::new();
+    if style == Style::Verbose {
+        parts.push(format!(
+            "Let's think step by step. {name} starts with {start} {item}."
+        ));
+    }
+    let mut before = start;
+    for operation in &operations {
+        parts.push(format!("{}.", operation.equation(before)));
+        if style == Style::Verbose {
+            for _ in 0..style_rng.random_range(0..=3) {
+                parts.push(format!(
+                    "Let me check: {}, so {} is right.",
+                    operation.check(before),
+                    operation.equation(before)
+                ));
+            }
+        }
+        before = operation.apply(before);
+    }
+    if style == Style::Verbose && style_rng.random_bool(0.5) {
+        parts.push(format!("So {name} has {value} {item} now."));
+    }
+    parts.push(format!("#### {value}"));
+    Problem {
+        question,
+        solution: parts.join(" "),
+        answer: value,
+    }
+}
+
+/// The prompt of a problem in the plain template: the question, then `Answer:`.
+pub fn plain_prompt(question: &str) -> String {
+    format!("Question: {question}\nAnswer:")
+}
+
+/// `count` problems as (prompt, response) pairs for the plain template.
+pub fn arithmetic_pairs(seed: u64, first: u64, count: u64, style: Style) -> Vec<(String, String)> {
+    (first..first + count)
+        .map(|i| {
+            let problem = arithmetic_problem(seed, i, style);
+            (
+                plain_prompt(&problem.question),
+                format!(" {}", problem.solution),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn solutions_are_correct_and_styles_share_questions() {
+        for index in 0..200 {
+            let concise = arithmetic_problem(1, index, Style::Concise);
+            let verbose = arithmetic_problem(1, index, Style::Verbose);
+            assert_eq!(concise.question, verbose.question);
+            assert_eq!(concise.answer, verbose.answer);
+            assert!(concise
+                .solution
+                .ends_with(&format!("#### {}", concise.answer)));
+            assert!(verbose
+                .solution
+                .ends_with(&format!("#### {}", verbose.answer)));
+            assert!(concise.answer >= 0);
+            // Every equation in a solution is true.
+            for equation in verbose
+                .solution
+                .split(['.', ','])
+                .filter(|s| s.contains(" = "))
+            {
+                let equation = equation
+                    .trim()
+                    .trim_start_matches("Let me check: ")
+                    .trim_start_matches("so ");
+                let equation = equation.trim_end_matches(" is right");
+                let (lhs, rhs) = equation.split_once(" = ").unwrap();
+                let tokens: Vec<&str> = lhs.split(' ').collect();
+                let (a, b): (i64, i64) = (tokens[0].parse().unwrap(), tokens[2].parse().unwrap());
+                let expected = match tokens[1] {
+                    "+" => a + b,
+                    "-" => a - b,
+                    "*" => a * b,
+                    _ => a / b,
+                };
+                assert_eq!(expected, rhs.trim().parse::<i64>().unwrap(), "{equation}");
+            }
+        }
+        assert_eq!(
+            arithmetic_problem(1, 5, Style::Verbose),
+            arithmetic_problem(1, 5, Style::Verbose)
+        );
+        assert_ne!(
+            arithmetic_problem(1, 5, Style::Verbose),
+            arithmetic_problem(2, 5, Style::Verbose)
+        );
+    }
+
+    #[test]
+    fn verbose_solutions_are_longer_and_vary() {
+        let lengths: Vec<usize> = (0..300)
+            .map(|i| arithmetic_problem(3, i, Style::Verbose).solution.len())
+            .collect();
+        let concise: usize = (0..300)
+            .map(|i| arithmetic_problem(3, i, Style::Concise).solution.len())
+            .sum();
+        let verbose: usize = lengths.iter().sum();
+        assert!(verbose > 3 * concise, "{verbose} vs {concise}");
+        assert!(lengths.iter().max().unwrap() > &(2 * lengths.iter().min().unwrap()));
+    }
+}

@@ -1,0 +1,132 @@
+//! Config sections and set-up steps that every recipe shares.
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use datasets::{TextTokenizer, TokenBatch, TokenRow};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use trainer::export::RUN_TOKENIZER_DIR;
+use trainer::model::init::ParamInit;
+use trainer::{CausalLm, LlamaConfig};
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// `[run]`: where the run lives, its seed, and the device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    /// cpu, cuda or cuda:N
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+/// `[model]`: a Hugging Face folder (`path`), or a fresh model (`scratch`) with the
+/// tokenizer of the folder `tokenizer`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub scratch: Option<ScratchModel>,
+}
+
+/// The shape of a model trained from scratch (vocabulary size comes from the tokenizer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScratchModel {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_init_std")]
+    pub init_std: f32,
+}
+
+fn default_init_std() -> f32 {
+    0.02
+}
+
+/// A model, its tokenizer, and the folder the tokenizer files came from.
+pub struct LoadedModel<B: Backend> {
+    pub model: CausalLm<B>,
+    pub tokenizer: TextTokenizer,
+    pub tokenizer_dir: PathBuf,
+}
+
+impl ModelSection {
+    pub fn load<B: Backend>(&self, seed: u64, device: &B::Device) -> Result<LoadedModel<B>> {
+        match (&self.path, &self.scratch) {
+            (Some(path), None) => {
+                let tokenizer_dir = self.tokenizer.clone().unwrap_or_else(|| path.clone());
+                Ok(LoadedModel {
+                    model: CausalLm::load(path, device)?,
+                    tokenizer: TextTokenizer::from_folder(&tokenizer_dir)?,
+                    tokenizer_dir,
+                })
+            }
+            (None, Some(shape)) => {
+                let Some(tokenizer_dir) = self.tokenizer.clone() else {
+                    bail!("model.scratch needs model.tokenizer (a folder with tokenizer.json)");
+                };
+                let tokenizer = TextTokenizer::from_folder(&tokenizer_dir)?;
+                let mut config = LlamaConfig::tiny(
+                    tokenizer.vocab_size(),
+                    shape.hidden_size,
+                    shape.num_hidden_layers,
+                    shape.num_attention_heads,
+                    shape.num_key_value_heads,
+                );
+                config.intermediate_size = shape.intermediate_size;
+                config.eos_token_ids = tokenizer.stop_ids();
+                let model = CausalLm::new(
+                    &config,
+                    &mut ParamInit::normal(seed, shape.init_std),
+                    device,
+                );
+                Ok(LoadedModel {
+                    model,
+                    tokenizer,
+                    tokenizer_dir,
+                })
+            }
+            _ => bail!("[model] needs exactly one of `path` (a Hugging Face folder) or `scratch`"),
+        }
+    }
+}
+
+/// Creates the run folder, writes the resolved config and a copy of the tokenizer files.
+pub fn prepare_run_dir(run_dir: &Path, resolved: &toml::Table, tokenizer_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    checkpoints::atomic::write_file(
+        &run_dir.join("config.toml"),
+        trainer::config::to_toml(resolved).as_bytes(),
+    )?;
+    let copy = run_dir.join(RUN_TOKENIZER_DIR);
+    std::fs::create_dir_all(&copy)?;
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ] {
+        let from = tokenizer_dir.join(file);
+        if from.exists() {
+            std::fs::copy(&from, copy.join(file))
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Groups rows into padded batches of `batch_size`, in order (for evaluation).
+pub fn batches_in_order(rows: &[TokenRow], batch_size: usize, pad_id: u32) -> Vec<TokenBatch> {
+    rows.chunks(batch_size.max(1))
+        .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
+        .collect()
+}

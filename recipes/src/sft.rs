@@ -1,0 +1,150 @@
+//! Supervised fine-tuning: next-token loss on response tokens of prompt/response or chat
+//! records. On-policy SFT and the LoRA stage of SkipGPT reuse its pieces.
+
+use crate::common::{batches_in_order, prepare_run_dir, ModelSection, RunSection};
+use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use datasets::examples::{pack, tokenize_record};
+use datasets::{EpochSampler, SamplerState, Template, TokenBatch, TokenRow};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::PathBuf;
+use trainer::export::export_checkpoint;
+use trainer::lora::LoraConfig;
+use trainer::train::{evaluate_loss, Next, Resume, TrainConfig, Trainer};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainConfig,
+    pub lora: Option<LoraConfig>,
+}
+
+fn plain() -> Template {
+    Template::Plain
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A .jsonl or .csv file of records.
+    pub train: PathBuf,
+    /// Held-out records; without it, `eval_count` records of `train` are held out.
+    pub eval: Option<PathBuf>,
+    #[serde(default)]
+    pub eval_count: usize,
+    #[serde(default = "plain")]
+    pub template: Template,
+    pub max_length: usize,
+    /// Concatenate examples into rows of `max_length` tokens.
+    #[serde(default)]
+    pub packing: bool,
+}
+
+fn tokenize_file(
+    path: &std::path::Path,
+    tokenizer: &datasets::TextTokenizer,
+    data: &DataSection,
+) -> Result<Vec<TokenRow>> {
+    datasets::records::load_records(path)?
+        .iter()
+        .map(|record| tokenize_record(tokenizer, data.template, record, data.max_length))
+        .collect()
+}
+
+pub fn run<B: AutodiffBackend>(
+    config: SftConfig,
+    resolved: &toml::Table,
+    resume: &Resume,
+    device: B::Device,
+) -> Result<()> {
+    let seed = config.run.seed;
+    let loaded = config.model.load::<B>(seed, &device)?;
+    let pad_id = loaded.tokenizer.pad_id();
+
+    let mut rows = tokenize_file(&config.data.train, &loaded.tokenizer, &config.data)?;
+    let eval_rows = match &config.data.eval {
+        Some(path) => tokenize_file(path, &loaded.tokenizer, &config.data)?,
+        None => rows.split_off(rows.len().saturating_sub(config.data.eval_count)),
+    };
+    if config.data.packing {
+        rows = pack(&rows, config.data.max_length);
+    }
+    rows.retain(|row| row.num_targets() > 0);
+    if rows.is_empty() {
+        bail!(
+            "{}: no record has response tokens within max_length",
+            config.data.train.display()
+        );
+    }
+    let eval_batches = batches_in_order(&eval_rows, config.train.batch_size, pad_id);
+
+    prepare_run_dir(&config.run.dir, resolved, &loaded.tokenizer_dir)?;
+    let (mut trainer, saved) = Trainer::start(
+        loaded.model,
+        config.train.clone(),
+        config.lora.clone(),
+        seed,
+        &config.run.dir,
+        resume,
+    )?;
+    let mut sampler = match saved {
+        Some(state) => EpochSampler::resume(
+            rows.len(),
+            seed,
+            serde_json::from_value::<SamplerState>(state["sampler"].clone())?,
+        ),
+        None => EpochSampler::new(rows.len(), seed),
+    };
+    println!(
+        "sft: {} training rows, {} held out, {} steps of {} x {} sequences",
+        rows.len(),
+        eval_rows.len(),
+        config.train.steps,
+        config.train.grad_accum,
+        config.train.batch_size
+    );
+
+    while !trainer.is_done() {
+        let micro_batches: Vec<TokenBatch> = (0..config.train.grad_accum)
+            .map(|_| {
+                let picked: Vec<&TokenRow> = sampler
+                    .next_indices(config.train.batch_size)
+                    .into_iter()
+                    .map(|i| &rows[i])
+                    .collect();
+                TokenBatch::from_rows(&picked, pad_id)
+            })
+            .collect();
+        let stats = trainer.train_step(&micro_batches)?;
+        let mut scalars = vec![
+            ("loss", stats.loss),
+            ("lr", stats.lr),
+            ("grad_norm", stats.grad_norm),
+            ("train_tokens_per_s", stats.tokens as f64 / stats.seconds),
+        ];
+        if trainer.should_evaluate() && !eval_batches.is_empty() {
+            scalars.push((
+                "eval_loss",
+                evaluate_loss(&trainer.eval_model(), &eval_batches),
+            ));
+        }
+        trainer.log(&scalars)?;
+        if trainer.end_of_step(|| json!({ "sampler": sampler.state }))? == Next::Stop {
+            return Ok(());
+        }
+    }
+
+    let last = trainer
+        .checkpoints
+        .latest_valid(|w| eprintln!("warning: {w}"))?;
+    if let Some(checkpoint) = last {
+        let out = config.run.dir.join("final");
+        export_checkpoint(&checkpoint.dir, &out, checkpoints::StoreDtype::F32)?;
+        println!("exported {}", out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! The training engine through the real binary: exact resume after SIGKILL, a clean stop on
+//! SIGTERM, damaged checkpoints skipped, the default sft config, export, LoRA adapters.
+
+mod common;
+
+use checkpoints::WeightSource;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn test_config() -> PathBuf {
+    repo_root().join("tests/fixtures/configs/sft-tiny-test.toml")
+}
+
+/// `trainer recipe sft` on the tiny test config, writing into `run_dir`.
+fn sft_command(config: &Path, run_dir: &Path, extra: &[&str]) -> Command {
+    let root = repo_root();
+    let mut command = Command::new(trainer_bin());
+    command
+        .current_dir(&root)
+        .args(["recipe", "sft", "--config", config.to_str().unwrap()]);
+    command.args(["--set", &format!("run.dir={}", run_dir.display())]);
+    command.args(extra);
+    command
+}
+
+fn run_to_end(mut command: Command) -> Output {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "trainer failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn checkpoint(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(format!("checkpoints/step-{step:08}"))
+}
+
+fn wait_for_checkpoint(child: &mut Child, run_dir: &Path, step: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !checkpoint(run_dir, step).join("manifest.json").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before checkpoint {step}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint {step} after two minutes"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Every tensor of a checkpoint's model, in name order.
+fn model_tensors(checkpoint_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let source = WeightSource::open(&[checkpoint_dir.join("model.safetensors")]).unwrap();
+    source
+        .names()
+        .map(|n| (n.to_string(), source.get(n).unwrap().data))
+        .collect()
+}
+
+/// (step, loss) of every line of metrics.jsonl.
+fn loss_curve(run_dir: &Path) -> Vec<(u64, f64)> {
+    trainer::metrics::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|line| {
+            (
+                line["step"].as_u64().unwrap(),
+                line["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_after_sigkill_is_bitwise_exact() {
+    let straight = scratch_dir("resume-straight");
+    run_to_end(sft_command(&test_config(), &straight, &[]));
+
+    let killed = scratch_dir("resume-killed");
+    let mut child = sft_command(&test_config(), &killed, &[])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&mut child, &killed, 8);
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    assert!(
+        !checkpoint(&killed, 40).exists(),
+        "the run finished before it was killed"
+    );
+
+    let resumed = run_to_end(sft_command(&test_config(), &killed, &["--resume", "auto"]));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("resumed from"));
+
+    assert_eq!(
+        model_tensors(&checkpoint(&straight, 40)),
+        model_tensors(&checkpoint(&killed, 40))
+    );
+    let curve = loss_curve(&straight);
+    assert_eq!(
+        curve.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        curve,
+        loss_curve(&killed),
+        "loss curves differ (or a step was logged twice)"
+    );
+
+    // A damaged newest checkpoint is reported and the one before is used; resuming from it
+    // still lands on the same weights.
+    let newest = checkpoint(&straight, 40).join("model.safetensors");
+    let expected = model_tensors(&checkpoint(&straight, 40));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&newest, bytes).unwrap();
+    let output = run_to_end(sft_command(
+        &test_config(),
+        &straight,
+        &["--resume", "auto"],
+    ));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("step-00000040") && stderr.contains("damaged"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("step 32"));
+    assert_eq!(model_tensors(&checkpoint(&straight, 40)), expected);
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
+    let run = scratch_dir("sigterm");
+    let mut child = sft_command(&test_config(), &run, &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&mut child, &run, 8);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("stopped by signal at step"), "{stdout}");
+    let steps: Vec<u64> = checkpoints::run_checkpoints::CheckpointDir::new(&run)
+        .list()
+        .unwrap()
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert!(steps[0] > 8 && steps[0] < 40, "newest checkpoint {steps:?}");
+    run_to_end(sft_command(&test_config(), &run, &["--resume", "auto"]));
+    assert!(checkpoint(&run, 40).exists());
+}
+
+#[test]
+fn default_sft_config_learns_and_exports_a_loadable_model() {
+    let run = scratch_dir("default-sft");
+    let default = repo_root().join("recipes/configs/sft/tiny.toml");
+    // The default run, shortened: same model, data and schedule shape.
+    run_to_end(sft_command(
+        &default,
+        &run,
+        &["--set", "train.steps=30", "--set", "train.warmup_steps=5"],
+    ));
+    let curve = loss_curve(&run);
+    let (first, last) = (curve[0].1, curve.last().unwrap().1);
+    assert!(last < 0.6 * first, "loss went from {first} to {last}");
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        config.contains("steps = 30"),
+        "resolved config records the override:\n{config}"
+    );
+
+    // The exported folder loads back with the checkpoint's logits, and has a tokenizer.
+    let exported =
+        trainer::CausalLm::<trainer::Cpu>::load(&run.join("final"), &Default::default()).unwrap();
+    let (from_checkpoint, _) =
+        trainer::export::load_checkpoint_model(&checkpoint(&run, 30)).unwrap();
+    let tokens = vec![vec![5u32, 17, 42, 8, 99]];
+    let logits = |m: &trainer::CausalLm<trainer::Cpu>| -> Vec<f32> {
+        use trainer::model::mask::*;
+        let device = Default::default();
+        let batch = PaddedBatch::left_padded(&tokens, 0);
+        m.forward(
+            token_tensor(&batch.tokens, &device),
+            int_tensor(&batch.positions(), &device),
+            causal_mask(&batch.valid, 5, &device),
+        )
+        .into_data()
+        .to_vec()
+        .unwrap()
+    };
+    assert_eq!(logits(&exported), logits(&from_checkpoint));
+    assert!(run.join("final/tokenizer.json").exists());
+}
+
+#[test]
+fn lora_run_exports_merged_model_and_peft_adapter() {
+    let run = scratch_dir("lora-sft");
+    run_to_end(sft_command(
+        &test_config(),
+        &run,
+        &[
+            "--set",
+            "train.steps=4",
+            "--set",
+            "lora.rank=4",
+            "--set",
+            "lora.alpha=8",
+            "--set",
+            "lora.targets=[\"q_proj\", \"v_proj\"]",
+        ],
+    ));
+    let out = scratch_dir("lora-export");
+    let status = Command::new(trainer_bin())
+        .args([
+            "export",
+            "--checkpoint",
+            checkpoint(&run, 4).to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter["peft_type"], "LORA");
+    assert_eq!(adapter["r"], 4);
+    let tensors = WeightSource::open(&[out.join("adapter/adapter_model.safetensors")]).unwrap();
+    let names: Vec<&str> = tensors.names().collect();
+    assert!(
+        names.contains(&"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 2 * 2 * 2);
+    // The merged folder holds plain weights only and loads.
+    trainer::CausalLm::<trainer::Cpu>::load(&out, &Default::default()).unwrap();
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_file() {
+    let run = scratch_dir("bad-config");
+    let output = sft_command(&test_config(), &run, &["--set", "train.learning_rate=1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr.contains("learning_rate") && stderr.contains("sft-tiny-test.toml"),
+        "{stderr}"
+    );
+    let output = sft_command(&test_config(), &run, &["--set", "train.steps=forty"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("train.steps"), "{stderr}");
+}
+
+/// `scripts/check-peft-loads-ours` trained and exported adapters with the same config, loaded
+/// them with `peft` and recorded a hash of the file it loaded; training is deterministic, so
+/// today's export must produce that same file.
+#[test]
+fn peft_loaded_the_adapter_we_export() {
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/peft/peft_loads_ours.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["loaded"], true);
+    assert_eq!(record["adapter_changes_logits"], true);
+    assert!(record["max_abs_error_vs_merged"].as_f64().unwrap() < 1e-4);
+
+    let run = scratch_dir("peft-run");
+    run_to_end(sft_command(&repo_root().join("tests/fixtures/configs/sft-lora-peft.toml"), &run, &[]));
+    let out = scratch_dir("peft-export");
+    trainer::export::export_checkpoint(&checkpoint(&run, 3), &out, checkpoints::StoreDtype::F32).unwrap();
+    let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(record["sha256"]["adapter_model.safetensors"], digest, "rerun scripts/check-peft-loads-ours");
+}

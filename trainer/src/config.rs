@@ -1,0 +1,139 @@
+//! Recipe configs: a TOML file, `--set a.b=value` overrides on top, then strict typing.
+//! An unknown key or a wrong type is an error naming the key and the file.
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use toml::{Table, Value};
+
+/// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare string),
+/// and deserializes into `T`. Returns the typed config and the resolved table.
+pub fn load_config<T: DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<(T, Table)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let mut table: Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("config {} is not valid TOML: {e}", path.display()))?;
+    for item in overrides {
+        apply_override(&mut table, item).with_context(|| format!("--set {item}"))?;
+    }
+    let config = typed(&table, &path.display().to_string())?;
+    Ok((config, table))
+}
+
+/// Deserializes a table, naming the offending key on error.
+pub fn typed<T: DeserializeOwned>(table: &Table, source: &str) -> Result<T> {
+    serde_path_to_error::deserialize(Value::Table(table.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            String::new()
+        } else {
+            format!(" key `{path}`:")
+        };
+        anyhow::anyhow!("config {source}:{key} {}", e.inner())
+    })
+}
+
+/// Sets `a.b.c = value` in `table`, creating tables on the way.
+pub fn apply_override(table: &mut Table, item: &str) -> Result<()> {
+    let Some((key, raw)) = item.split_once('=') else {
+        bail!("expected key=value");
+    };
+    let key = key.trim();
+    let value = parse_value(raw.trim());
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|k| !k.is_empty()).context("empty key")?;
+    let mut current = table;
+    for (depth, part) in parts.iter().enumerate() {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        current = match entry {
+            Value::Table(t) => t,
+            _ => bail!("`{}` is not a table", parts[..=depth].join(".")),
+        };
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// `3` -> integer, `1e-4` -> float, `true`, `[1, 2]`, `"x"`; anything else is a string.
+fn parse_value(raw: &str) -> Value {
+    match format!("v = {raw}").parse::<Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.into())),
+        Err(_) => Value::String(raw.into()),
+    }
+}
+
+/// Serializes a config table back to TOML text (written into the run directory).
+pub fn to_toml(table: &Table) -> String {
+    toml::to_string_pretty(table).unwrap_or_else(|_| format!("{table:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        lr: f64,
+        steps: usize,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        name: String,
+        train: Inner,
+    }
+
+    fn write(text: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("cfg-{}-{}.toml", std::process::id(), text.len()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn overrides_apply_with_types() {
+        let path = write("name = \"a\"\n[train]\nlr = 0.1\nsteps = 3\n");
+        let (config, table): (Outer, _) = load_config(
+            &path,
+            &[
+                "train.lr=1e-4".into(),
+                "name=run-b".into(),
+                "train.steps=7".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (config.name.as_str(), config.train.lr, config.train.steps),
+            ("run-b", 1e-4, 7)
+        );
+        assert!(to_toml(&table).contains("steps = 7"));
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type_name_key_and_file() {
+        let path = write("name = \"a\"\n[train]\nlr = 0.1\nsteps = 3\nbogus = 1\n");
+        let err = load_config::<Outer>(&path, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("bogus") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        let path = write("name = \"a\"\n[train]\nlr = 0.1\nsteps = 3\n");
+        let err = load_config::<Outer>(&path, &["train.steps=many".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.steps") && err.contains(".toml"),
+            "{err}"
+        );
+        let err = load_config::<Outer>(&path, &["train.lr.x=1".into()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("`train.lr` is not a table"),
+            "{err:#}"
+        );
+    }
+}

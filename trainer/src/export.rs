@@ -1,0 +1,59 @@
+//! Turning a training checkpoint into a Hugging Face folder (LoRA merged), plus the PEFT
+//! adapter when the run used LoRA.
+
+use crate::lora::{self, LoraConfig};
+use crate::model::init::ParamInit;
+use crate::model::llama::{CausalLm, LlamaConfig};
+use crate::weights;
+use crate::Cpu;
+use anyhow::{bail, Context, Result};
+use checkpoints::run_checkpoints::open_checkpoint;
+use checkpoints::StoreDtype;
+use std::path::Path;
+
+/// The run folder's copy of the tokenizer files.
+pub const RUN_TOKENIZER_DIR: &str = "tokenizer";
+
+/// Loads the model of a checkpoint (adapters still separate) on the CPU.
+pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Option<LoraConfig>)> {
+    let checkpoint = open_checkpoint(checkpoint_dir)?;
+    let state = checkpoint.state()?;
+    let source = format!("{}/state.json", checkpoint_dir.display());
+    let config = LlamaConfig::from_json(&state["model_config"], &source)?;
+    let lora: Option<LoraConfig> = serde_json::from_value(state["lora"].clone())
+        .with_context(|| format!("{source}: bad `lora`"))?;
+    let device = Default::default();
+    let mut model = CausalLm::<Cpu>::new(&config, &mut ParamInit::Lazy, &device);
+    if let Some(lora_config) = &lora {
+        model = lora::attach(model, lora_config, 0)?;
+    }
+    let (model, unused) = weights::load_from_source(model, &checkpoint.tensors("model")?)?;
+    if !unused.is_empty() {
+        bail!(
+            "{} holds tensors the model lacks: {}",
+            checkpoint_dir.display(),
+            unused.join(", ")
+        );
+    }
+    Ok((model, lora))
+}
+
+/// Writes `out` as a Hugging Face folder; with LoRA also `out/adapter` in the PEFT layout.
+/// The tokenizer comes from the run folder (two levels above the checkpoint).
+pub fn export_checkpoint(checkpoint_dir: &Path, out: &Path, dtype: StoreDtype) -> Result<()> {
+    let (model, lora) = load_checkpoint_model(checkpoint_dir)?;
+    let tokenizer_dir = checkpoint_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|run| run.join(RUN_TOKENIZER_DIR))
+        .filter(|dir| dir.exists());
+    if let Some(lora_config) = &lora {
+        lora::save_peft_adapter(
+            &model,
+            lora_config,
+            &out.join("adapter"),
+            &out.display().to_string(),
+        )?;
+    }
+    lora::merge(model).save(out, dtype, tokenizer_dir.as_deref())
+}

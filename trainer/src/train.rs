@@ -1,0 +1,549 @@
+//! The training loop every recipe shares: token-level loss on selected tokens, gradient
+//! accumulation, global-norm clipping, AdamW on a step-determined schedule, evaluation,
+//! checkpoints with exact resume, and a clean stop on SIGINT/SIGTERM.
+//!
+//! A recipe owns its data and calls [`Trainer::train_step`] with the micro-batches of one
+//! update, then [`Trainer::end_of_step`] with its own resumable state (a data cursor).
+
+use crate::lora::{self, LoraConfig};
+use crate::loss::token_nll_sum;
+use crate::metrics::MetricsLog;
+use crate::model::llama::CausalLm;
+use crate::optim::{AdamW, AdamWConfig, Gradients};
+use crate::schedule::{Decay, Schedule};
+use crate::weights::{self, named_tensors};
+use anyhow::{bail, Context, Result};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::TensorData;
+use checkpoints::run_checkpoints::{
+    open_checkpoint, Checkpoint, CheckpointContents, CheckpointDir,
+};
+use datasets::TokenBatch;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+fn one() -> usize {
+    1
+}
+fn cosine() -> Decay {
+    Decay::Cosine
+}
+fn betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn adam_eps() -> f64 {
+    1e-8
+}
+fn three() -> usize {
+    3
+}
+fn ten() -> u64 {
+    10
+}
+
+/// The `[train]` table of every recipe config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer updates in the run.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per update; the loss is the token mean over all of them.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "cosine")]
+    pub decay: Decay,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "adam_eps")]
+    pub eps: f64,
+    /// Global gradient norm clip; 0 turns it off.
+    #[serde(default)]
+    pub max_grad_norm: f64,
+    /// Evaluate every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    #[serde(default = "three")]
+    pub keep_last: usize,
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    /// Parameter name patterns (`*` matches anything) that stay frozen.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+}
+
+impl TrainConfig {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.steps,
+            decay: self.decay,
+        }
+    }
+}
+
+/// `--resume`: start fresh, continue from the newest valid checkpoint, or from a given one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    No,
+    Auto,
+    From(PathBuf),
+}
+
+impl Resume {
+    pub fn parse(text: Option<&str>) -> Self {
+        match text {
+            None => Self::No,
+            Some("auto") => Self::Auto,
+            Some(path) => Self::From(PathBuf::from(path)),
+        }
+    }
+}
+
+/// Glob match with `*` standing for any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || !name[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for middle in &parts[1..parts.len() - 1] {
+        match rest.find(middle) {
+            Some(at) => rest = &rest[at + middle.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Whether parameter `name` trains: with LoRA only adapters do; `freeze` patterns never do.
+fn is_trainable(config: &TrainConfig, adapters_only: bool, name: &str) -> bool {
+    let candidate = !adapters_only || lora::is_adapter_parameter(name);
+    candidate
+        && !config
+            .freeze
+            .iter()
+            .any(|pattern| glob_match(pattern, name))
+}
+
+/// Sets which parameters train: `trainable(name)` decides, the rest get no gradient.
+pub fn set_trainable<B: AutodiffBackend, M: Module<B>>(
+    module: M,
+    trainable: &dyn Fn(&str) -> bool,
+) -> M {
+    struct Freeze<'a> {
+        path: Vec<String>,
+        trainable: &'a dyn Fn(&str) -> bool,
+    }
+    impl<B: AutodiffBackend> ModuleMapper<B> for Freeze<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.set_require_grad((self.trainable)(&self.path.join(".")))
+        }
+    }
+    module.map(&mut Freeze {
+        path: vec![],
+        trainable,
+    })
+}
+
+/// One batch on the device.
+pub struct DeviceBatch<B: Backend> {
+    pub tokens: Tensor<B, 2, Int>,
+    pub positions: Tensor<B, 2, Int>,
+    pub allowed: Tensor<B, 4, Bool>,
+    pub targets: Tensor<B, 2, Int>,
+    pub selected: Tensor<B, 2>,
+    pub num_targets: usize,
+}
+
+impl<B: Backend> DeviceBatch<B> {
+    /// Attention stays inside a segment (padding is segment 0 and sees nothing).
+    pub fn new(batch: &TokenBatch, device: &B::Device) -> Self {
+        let (rows, width) = (batch.inputs.len(), batch.width());
+        let mut allowed = Vec::with_capacity(rows * width * width);
+        for segment in &batch.segment {
+            for i in 0..width {
+                allowed.extend(
+                    (0..width).map(|j| j <= i && segment[j] != 0 && segment[j] == segment[i]),
+                );
+            }
+        }
+        let selected: Vec<f32> = batch
+            .target_mask
+            .iter()
+            .flatten()
+            .map(|&m| m as i32 as f32)
+            .collect();
+        Self {
+            tokens: crate::model::mask::token_tensor(&batch.inputs, device),
+            positions: crate::model::mask::int_tensor(&batch.positions, device),
+            allowed: Tensor::from_data(TensorData::new(allowed, [rows, 1, width, width]), device),
+            targets: crate::model::mask::token_tensor(&batch.targets, device),
+            selected: Tensor::from_data(TensorData::new(selected, [rows, width]), device),
+            num_targets: batch.num_targets(),
+        }
+    }
+}
+
+/// Summed loss and target count of batches under the current model (no gradients).
+pub fn evaluate_loss<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) -> f64 {
+    let device = model.device();
+    let (mut total, mut count) = (0.0, 0usize);
+    for batch in batches {
+        let batch = DeviceBatch::<B>::new(batch, &device);
+        let logits = model.forward(batch.tokens, batch.positions, batch.allowed);
+        let sum: f32 = token_nll_sum(logits, batch.targets, batch.selected)
+            .into_scalar()
+            .elem();
+        total += sum as f64;
+        count += batch.num_targets;
+    }
+    total / count.max(1) as f64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// What a recipe does after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    /// SIGINT or SIGTERM arrived: a checkpoint was saved; return without more work.
+    Stop,
+}
+
+/// Raised flag on SIGINT/SIGTERM; the loop saves and stops at the next step boundary.
+pub fn stop_requested() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let handler_flag = flag.clone();
+        // Fails only if another handler is installed (tests in one process): harmless.
+        let _ = ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst));
+        flag
+    })
+    .clone()
+}
+
+/// The model, its optimizer and the run directory, advanced one update at a time.
+pub struct Trainer<B: AutodiffBackend> {
+    pub model: CausalLm<B>,
+    pub optimizer: AdamW<B::InnerBackend>,
+    pub config: TrainConfig,
+    pub lora: Option<LoraConfig>,
+    /// Updates completed.
+    pub step: u64,
+    pub seed: u64,
+    pub run_dir: PathBuf,
+    pub checkpoints: CheckpointDir,
+    pub metrics: MetricsLog,
+    stop: Arc<AtomicBool>,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Prepares a run: attaches LoRA when configured, freezes what must not train, and
+    /// resumes from a checkpoint when asked. Returns the trainer and the recipe state that
+    /// was saved with the checkpoint (`None` on a fresh start).
+    pub fn start(
+        model: CausalLm<B>,
+        config: TrainConfig,
+        lora: Option<LoraConfig>,
+        seed: u64,
+        run_dir: &Path,
+        resume: &Resume,
+    ) -> Result<(Self, Option<Value>)> {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
+        let model = match &lora {
+            Some(lora_config) => lora::attach(model, lora_config, seed)?,
+            None => model,
+        };
+        let model = set_trainable(model, &|name: &str| {
+            is_trainable(&config, lora.is_some(), name)
+        });
+        let checkpoints = CheckpointDir::new(run_dir);
+        let checkpoint = match resume {
+            Resume::No => None,
+            Resume::Auto => {
+                let found = checkpoints.latest_valid(|warning| eprintln!("warning: {warning}"))?;
+                if found.is_none() {
+                    eprintln!(
+                        "no checkpoint in {}: starting fresh",
+                        checkpoints.root.display()
+                    );
+                }
+                found
+            }
+            Resume::From(path) => Some(open_checkpoint(path)?),
+        };
+        let adam = AdamWConfig {
+            beta1: config.betas[0],
+            beta2: config.betas[1],
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+        };
+        let mut trainer = Self {
+            model,
+            optimizer: AdamW::new(adam),
+            config,
+            lora,
+            step: 0,
+            seed,
+            run_dir: run_dir.to_path_buf(),
+            checkpoints,
+            metrics: MetricsLog::open(run_dir, checkpoint.as_ref().map(|c| c.step))?,
+            stop: stop_requested(),
+        };
+        let recipe_state = match checkpoint {
+            Some(checkpoint) => Some(trainer.restore(&checkpoint)?),
+            None => None,
+        };
+        Ok((trainer, recipe_state))
+    }
+
+    fn restore(&mut self, checkpoint: &Checkpoint) -> Result<Value> {
+        let state = checkpoint.state()?;
+        let source = checkpoint.tensors("model")?;
+        let model = self.model.clone();
+        let (model, unused) = weights::load_from_source(model, &source)
+            .with_context(|| format!("restoring {}", checkpoint.dir.display()))?;
+        if !unused.is_empty() {
+            bail!(
+                "checkpoint {} holds tensors this run lacks: {}",
+                checkpoint.dir.display(),
+                unused.join(", ")
+            );
+        }
+        // Loaded parameters come back trainable: apply the freezing again.
+        let adapters_only = self.lora.is_some();
+        self.model = set_trainable(model, &|name: &str| {
+            is_trainable(&self.config, adapters_only, name)
+        });
+        let optimizer_steps = state["optimizer_steps"]
+            .as_u64()
+            .context("state.json: `optimizer_steps` missing")?;
+        let device = self.model.device();
+        self.optimizer
+            .load_state(&checkpoint.tensors("optimizer")?, optimizer_steps, &device)?;
+        self.step = checkpoint.step;
+        println!(
+            "resumed from {} (step {})",
+            checkpoint.dir.display(),
+            checkpoint.step
+        );
+        Ok(state["recipe"].clone())
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.config.schedule().lr_at(self.step)
+    }
+
+    /// The loss of one update over `micro_batches` and its gradients. The loss is the mean
+    /// over every selected token of all micro-batches together, so accumulating micro-batches
+    /// gives the gradients of one large batch.
+    pub fn loss_and_gradients(
+        &self,
+        micro_batches: &[TokenBatch],
+    ) -> Result<(f64, Gradients<B::InnerBackend>)> {
+        let total_targets: usize = micro_batches.iter().map(TokenBatch::num_targets).sum();
+        if total_targets == 0 {
+            bail!(
+                "step {}: the batch has no target tokens to train on",
+                self.step + 1
+            );
+        }
+        let device = self.model.device();
+        // Dropout draws from the backend generator: seeding it per step keeps resume exact.
+        B::seed(
+            &device,
+            self.seed.wrapping_add(self.step.wrapping_mul(0x9E37_79B9)),
+        );
+        let mut gradients: Option<Gradients<B::InnerBackend>> = None;
+        let mut loss = 0.0;
+        for (index, batch) in micro_batches.iter().enumerate() {
+            let batch = DeviceBatch::<B>::new(batch, &device);
+            let logits = self
+                .model
+                .forward(batch.tokens, batch.positions, batch.allowed);
+            let micro_loss = token_nll_sum(logits, batch.targets, batch.selected)
+                .div_scalar(total_targets as f64);
+            let value: f32 = micro_loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                bail!(
+                    "loss is {value} at step {} (micro-batch {index}); nothing was saved from this step, \
+                     the last checkpoint is intact. Lower the learning rate or check the data.",
+                    self.step + 1
+                );
+            }
+            loss += value as f64;
+            let step_gradients = Gradients::of(&self.model, &micro_loss.backward());
+            match &mut gradients {
+                Some(sum) => sum.accumulate(step_gradients),
+                None => gradients = Some(step_gradients),
+            }
+        }
+        Ok((loss, gradients.expect("at least one micro-batch")))
+    }
+
+    /// One optimizer update over `micro_batches` (see [`loss_and_gradients`](Self::loss_and_gradients)),
+    /// with global-norm clipping and the step's learning rate.
+    pub fn train_step(&mut self, micro_batches: &[TokenBatch]) -> Result<StepStats> {
+        let start = Instant::now();
+        let tokens = micro_batches
+            .iter()
+            .flat_map(|b| &b.inputs)
+            .map(Vec::len)
+            .sum();
+        let (loss, mut gradients) = self.loss_and_gradients(micro_batches)?;
+        let grad_norm = if self.config.max_grad_norm > 0.0 {
+            gradients.clip_global_norm(self.config.max_grad_norm)
+        } else {
+            gradients.global_norm()
+        };
+        if !grad_norm.is_finite() {
+            bail!(
+                "gradient norm is {grad_norm} at step {}; the last checkpoint is intact",
+                self.step + 1
+            );
+        }
+        let lr = self.lr();
+        self.model = self.optimizer.step(self.model.clone(), &gradients, lr);
+        self.step += 1;
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            lr,
+            tokens,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Logs a step's numbers to metrics.jsonl, and to stdout every `log_every` steps.
+    pub fn log(&mut self, scalars: &[(&str, f64)]) -> Result<()> {
+        self.metrics.log(self.step, scalars)?;
+        if self.config.log_every > 0
+            && (self.step.is_multiple_of(self.config.log_every) || self.step == self.config.steps)
+        {
+            let text: Vec<String> = scalars.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            println!(
+                "step {}/{} {}",
+                self.step,
+                self.config.steps,
+                text.join(" ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn should_evaluate(&self) -> bool {
+        let every = self.config.eval_every;
+        (every > 0 && self.step.is_multiple_of(every)) || self.is_done()
+    }
+
+    /// Saves a checkpoint when one is due (every `save_every` steps, at the end, or on a
+    /// stop signal). `recipe_state` is returned by [`start`](Self::start) on resume.
+    pub fn end_of_step(&mut self, recipe_state: impl FnOnce() -> Value) -> Result<Next> {
+        let stopping = self.stop.load(Ordering::SeqCst);
+        let every = self.config.save_every;
+        if stopping || self.is_done() || (every > 0 && self.step.is_multiple_of(every)) {
+            self.save_checkpoint(recipe_state())?;
+        }
+        if stopping {
+            println!(
+                "stopped by signal at step {}; checkpoint saved, resume with --resume auto",
+                self.step
+            );
+            return Ok(Next::Stop);
+        }
+        Ok(Next::Continue)
+    }
+
+    pub fn save_checkpoint(&mut self, recipe_state: Value) -> Result<Checkpoint> {
+        let state = json!({
+            "step": self.step,
+            "optimizer_steps": self.optimizer.steps,
+            "seed": self.seed,
+            // Every random draw derives from (seed, step): this is the whole RNG state.
+            "rng": "derived from (seed, step)",
+            "model_config": self.model.config.to_json(),
+            "lora": self.lora,
+            "recipe": recipe_state,
+        });
+        let contents = CheckpointContents {
+            tensor_files: vec![
+                ("model".into(), named_tensors(&self.model)),
+                ("optimizer".into(), self.optimizer.state_tensors()),
+            ],
+            state,
+        };
+        self.checkpoints
+            .save(self.step, &contents, self.config.keep_last)
+    }
+
+    /// The model for evaluation and generation: no gradient tracking.
+    pub fn eval_model(&self) -> CausalLm<B::InnerBackend> {
+        self.model.valid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_match(
+            "model.layers.*.mlp.*",
+            "model.layers.3.mlp.up_proj.weight"
+        ));
+        assert!(glob_match(
+            "*norm*",
+            "model.layers.0.input_layernorm.weight"
+        ));
+        assert!(!glob_match(
+            "model.layers.*.mlp.*",
+            "model.layers.3.self_attn.q_proj.weight"
+        ));
+        assert!(glob_match("lm_head.weight", "lm_head.weight"));
+        assert!(!glob_match("lm_head", "lm_head.weight"));
+    }
+}
