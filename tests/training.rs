@@ -278,7 +278,8 @@ fn config_errors_name_the_key_and_the_file() {
 #[test]
 fn peft_loaded_the_adapter_we_export() {
     let record: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("tests/fixtures/peft/peft_loads_ours.json")).unwrap(),
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/peft/peft_loads_ours.json"))
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(record["loaded"], true);
@@ -286,11 +287,95 @@ fn peft_loaded_the_adapter_we_export() {
     assert!(record["max_abs_error_vs_merged"].as_f64().unwrap() < 1e-4);
 
     let run = scratch_dir("peft-run");
-    run_to_end(sft_command(&repo_root().join("tests/fixtures/configs/sft-lora-peft.toml"), &run, &[]));
+    run_to_end(sft_command(
+        &repo_root().join("tests/fixtures/configs/sft-lora-peft.toml"),
+        &run,
+        &[],
+    ));
     let out = scratch_dir("peft-export");
-    trainer::export::export_checkpoint(&checkpoint(&run, 3), &out, checkpoints::StoreDtype::F32).unwrap();
+    trainer::export::export_checkpoint(&checkpoint(&run, 3), &out, checkpoints::StoreDtype::F32)
+        .unwrap();
     let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     use sha2::Digest;
-    let digest: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(record["sha256"]["adapter_model.safetensors"], digest, "rerun scripts/check-peft-loads-ours");
+    let digest: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        record["sha256"]["adapter_model.safetensors"], digest,
+        "rerun scripts/check-peft-loads-ours"
+    );
+}
+
+fn onpolicy_command(run_dir: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(trainer_bin());
+    command.current_dir(repo_root()).args([
+        "recipe",
+        "onpolicy-sft",
+        "--config",
+        "tests/fixtures/configs/onpolicy-test.toml",
+    ]);
+    command
+        .args(["--set", &format!("run.dir={}", run_dir.display())])
+        .args(extra);
+    command
+}
+
+/// Every scalar of every metrics line except the wall-clock ones.
+fn deterministic_metrics(run_dir: &Path) -> Vec<Vec<(String, f64)>> {
+    trainer::metrics::read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|line| {
+            line.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| *k != "time" && !k.ends_with("per_s"))
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn onpolicy_sft_resumes_exactly() {
+    let straight = scratch_dir("onpolicy-straight");
+    run_to_end(onpolicy_command(&straight, &[]));
+    let killed = scratch_dir("onpolicy-killed");
+    // SIGKILL once the step-2 checkpoint exists, then resume for the rest.
+    let mut child = onpolicy_command(&killed, &[])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&mut child, &killed, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !checkpoint(&killed, 6).exists(),
+        "the run finished before it was killed"
+    );
+    run_to_end(onpolicy_command(&killed, &["--resume", "auto"]));
+
+    let metrics = deterministic_metrics(&straight);
+    assert_eq!(metrics, deterministic_metrics(&killed));
+    // Something was trained on: the run is not trivially exact.
+    assert!(
+        metrics
+            .iter()
+            .flatten()
+            .any(|(k, v)| k == "kept_share" && *v > 0.0),
+        "{metrics:?}"
+    );
+    assert!(metrics.iter().flatten().any(|(k, _)| k == "loss"));
+    assert_eq!(
+        model_tensors(&checkpoint(&straight, 6)),
+        model_tensors(&checkpoint(&killed, 6))
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(killed.join("summary.json")).unwrap())
+            .unwrap();
+    assert!(
+        summary["base"]["mean_length"].as_f64().unwrap() > 0.0,
+        "base numbers survive the resume"
+    );
 }

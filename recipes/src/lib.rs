@@ -3,7 +3,9 @@
 //! command that runs it.
 
 pub mod common;
+pub mod onpolicy_sft;
 pub mod sft;
+pub mod verify;
 
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -28,12 +30,20 @@ pub struct RecipeInfo {
 }
 
 /// Every recipe this build can run.
-pub const ALL: &[RecipeInfo] = &[RecipeInfo {
-    name: "sft",
-    summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
-    default_config: "recipes/configs/sft/tiny.toml",
-    run: run_sft,
-}];
+pub const ALL: &[RecipeInfo] = &[
+    RecipeInfo {
+        name: "onpolicy-sft",
+        summary: "shorter chains of thought: SFT on the model's own correct samples that finish inside a length cap",
+        default_config: "recipes/configs/onpolicy-sft/tiny.toml",
+        run: run_onpolicy_sft,
+    },
+    RecipeInfo {
+        name: "sft",
+        summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
+        default_config: "recipes/configs/sft/tiny.toml",
+        run: run_sft,
+    },
+];
 
 pub fn find(name: &str) -> Result<&'static RecipeInfo> {
     ALL.iter().find(|r| r.name == name).ok_or_else(|| {
@@ -46,6 +56,20 @@ fn run_sft(args: &RecipeArgs) -> Result<()> {
     let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
     let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
     with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
+        config,
+        &resolved,
+        &args.resume,
+        device
+    ))
+}
+
+fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
+    let (config, resolved): (onpolicy_sft::OnPolicyConfig, _) =
+        load_config(&args.config, &args.overrides)?;
+    let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
+    with_backend!(device, |B, device| onpolicy_sft::run::<
+        burn::backend::Autodiff<B>,
+    >(
         config,
         &resolved,
         &args.resume,

@@ -108,11 +108,36 @@ pub fn run<B: AutodiffBackend>(
         config.train.batch_size
     );
 
+    if train_on_rows(&mut trainer, &rows, &eval_batches, &mut sampler, pad_id)? == Next::Stop {
+        return Ok(());
+    }
+
+    let last = trainer
+        .checkpoints
+        .latest_valid(|w| eprintln!("warning: {w}"))?;
+    if let Some(checkpoint) = last {
+        let out = config.run.dir.join("final");
+        export_checkpoint(&checkpoint.dir, &out, checkpoints::StoreDtype::F32)?;
+        println!("exported {}", out.display());
+    }
+    Ok(())
+}
+
+/// Plain SFT until the trainer's step budget is spent: shuffled micro-batches of `rows`,
+/// evaluation on `eval_batches`, checkpoints holding the sampler's cursor.
+pub fn train_on_rows<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    rows: &[TokenRow],
+    eval_batches: &[TokenBatch],
+    sampler: &mut EpochSampler,
+    pad_id: u32,
+) -> Result<Next> {
+    let (batch_size, grad_accum) = (trainer.config.batch_size, trainer.config.grad_accum);
     while !trainer.is_done() {
-        let micro_batches: Vec<TokenBatch> = (0..config.train.grad_accum)
+        let micro_batches: Vec<TokenBatch> = (0..grad_accum)
             .map(|_| {
                 let picked: Vec<&TokenRow> = sampler
-                    .next_indices(config.train.batch_size)
+                    .next_indices(batch_size)
                     .into_iter()
                     .map(|i| &rows[i])
                     .collect();
@@ -129,22 +154,13 @@ pub fn run<B: AutodiffBackend>(
         if trainer.should_evaluate() && !eval_batches.is_empty() {
             scalars.push((
                 "eval_loss",
-                evaluate_loss(&trainer.eval_model(), &eval_batches),
+                evaluate_loss(&trainer.eval_model(), eval_batches),
             ));
         }
         trainer.log(&scalars)?;
         if trainer.end_of_step(|| json!({ "sampler": sampler.state }))? == Next::Stop {
-            return Ok(());
+            return Ok(Next::Stop);
         }
     }
-
-    let last = trainer
-        .checkpoints
-        .latest_valid(|w| eprintln!("warning: {w}"))?;
-    if let Some(checkpoint) = last {
-        let out = config.run.dir.join("final");
-        export_checkpoint(&checkpoint.dir, &out, checkpoints::StoreDtype::F32)?;
-        println!("exported {}", out.display());
-    }
-    Ok(())
+    Ok(Next::Continue)
 }

@@ -457,6 +457,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
+    /// Counts a step that had nothing to train on (on-policy SFT with no correct sample):
+    /// the schedule moves on, the weights and optimizer do not.
+    pub fn skip_step(&mut self) {
+        self.step += 1;
+    }
+
     /// Logs a step's numbers to metrics.jsonl, and to stdout every `log_every` steps.
     pub fn log(&mut self, scalars: &[(&str, f64)]) -> Result<()> {
         self.metrics.log(self.step, scalars)?;

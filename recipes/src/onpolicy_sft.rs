@@ -1,0 +1,711 @@
+//! On-Policy SFT (EIT-NLP): shorter chains of thought at the same accuracy, by fine-tuning a
+//! model on its own correct and concise samples.
+//!
+//! Each step:
+//! 1. take a batch of prompts;
+//! 2. sample n completions per prompt from the current model, cut at `max_response_tokens`;
+//! 3. score each with the verifier: 1 if the final answer is present and correct; a cut
+//!    response has no final answer and scores 0 (that cap is the whole length penalty);
+//! 4. drop prompts with no correct completion (optionally keep only the shortest k);
+//! 5. one update with token-mean NLL on the kept responses. No KL, no reference model.
+//!
+//! With `[warmup]`, the run first makes its own verbose base model by plain SFT on the
+//! synthetic task's verbose solutions; otherwise `[model]` names the base.
+
+use crate::common::{prepare_run_dir, ModelSection, RunSection};
+use crate::sft::train_on_rows;
+use crate::verify::{Judged, Verifier, VerifierConfig};
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use datasets::examples::{prompt_and_response, prompt_tokens};
+use datasets::synthetic::{arithmetic_pairs, arithmetic_problem, plain_prompt, Style};
+use datasets::{EpochSampler, SamplerState, Template, TextTokenizer, TokenBatch, TokenRow};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use trainer::export::export_checkpoint;
+use trainer::generate::{generate, GenerationConfig};
+use trainer::lora::LoraConfig;
+use trainer::sampling::SamplingParams;
+use trainer::train::{Next, Resume, TrainConfig, Trainer};
+use trainer::CausalLm;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnPolicyConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub warmup: Option<WarmupSection>,
+    pub task: TaskSection,
+    pub sampling: SamplingSection,
+    pub verifier: VerifierConfig,
+    pub eval: EvalSection,
+    pub train: TrainConfig,
+    pub lora: Option<LoraConfig>,
+}
+
+/// Plain SFT on `count` verbose solutions of the synthetic task before on-policy training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupSection {
+    pub count: u64,
+    pub max_length: usize,
+    pub train: TrainConfig,
+}
+
+fn plain() -> Template {
+    Template::Plain
+}
+
+/// Where prompts and reference answers come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    /// `arithmetic` (built in) or a .jsonl file of `{"prompt", "answer"}`.
+    pub source: String,
+    /// Prompts to train on (arithmetic) or the first lines of the file used for training.
+    pub train_count: usize,
+    /// Held-out prompts for evaluation.
+    pub eval_count: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "plain")]
+    pub template: Template,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingSection {
+    pub prompts_per_step: usize,
+    pub samples_per_prompt: usize,
+    /// The length cap: a response not finished within it scores 0.
+    pub max_response_tokens: usize,
+    #[serde(default = "one")]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// Keep only the shortest k correct responses per prompt (0 keeps all, as the paper).
+    #[serde(default)]
+    pub keep_shortest: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Generation budget at evaluation: large, so the base model's long answers are measured.
+    pub max_new_tokens: usize,
+    /// Prompts per generation batch.
+    pub batch_size: usize,
+}
+
+/// A prompt with its tokens and reference answer.
+#[derive(Debug, Clone)]
+pub struct TaskItem {
+    pub prompt: String,
+    pub tokens: Vec<u32>,
+    pub answer: String,
+}
+
+/// What evaluation measures on the held-out prompts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub greedy_accuracy: f64,
+    pub sampled_accuracy: f64,
+    pub mean_length: f64,
+    pub p90_length: f64,
+    pub truncated_share: f64,
+}
+
+/// Index ranges of the synthetic task: train, held-out and warm-up problems never overlap.
+const EVAL_OFFSET: u64 = 1_000_000;
+const WARMUP_OFFSET: u64 = 2_000_000;
+
+fn load_task(
+    task: &TaskSection,
+    tokenizer: &TextTokenizer,
+) -> Result<(Vec<TaskItem>, Vec<TaskItem>)> {
+    let item = |prompt: String, answer: String| -> Result<TaskItem> {
+        Ok(TaskItem {
+            tokens: prompt_tokens(tokenizer, task.template, &prompt)?,
+            prompt,
+            answer,
+        })
+    };
+    if task.source == "arithmetic" {
+        let make = |first: u64, count: usize| -> Result<Vec<TaskItem>> {
+            (first..first + count as u64)
+                .map(|i| {
+                    let problem = arithmetic_problem(task.seed, i, Style::Concise);
+                    item(plain_prompt(&problem.question), problem.answer.to_string())
+                })
+                .collect()
+        };
+        return Ok((
+            make(0, task.train_count)?,
+            make(EVAL_OFFSET, task.eval_count)?,
+        ));
+    }
+    let path = Path::new(&task.source);
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read task file {}", path.display()))?;
+    let mut items = Vec::new();
+    for (index, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        #[derive(Deserialize)]
+        struct Line {
+            prompt: String,
+            answer: Value,
+        }
+        let parsed: Line = serde_json::from_str(line).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}: expected {{\"prompt\", \"answer\"}} ({e})",
+                path.display(),
+                index + 1
+            )
+        })?;
+        let answer = match parsed.answer {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        items.push(item(parsed.prompt, answer)?);
+    }
+    if items.len() < task.train_count + task.eval_count {
+        bail!(
+            "{} has {} prompts; task.train_count + task.eval_count = {}",
+            path.display(),
+            items.len(),
+            task.train_count + task.eval_count
+        );
+    }
+    let eval = items.split_off(task.train_count);
+    Ok((items, eval.into_iter().take(task.eval_count).collect()))
+}
+
+/// Samples, scores and lengths of responses to `prompts`.
+struct Sampled {
+    tokens: Vec<Vec<u32>>,
+    scores: Vec<f32>,
+    finished: Vec<bool>,
+    seconds: f64,
+}
+
+/// Generates one response per entry of `prompts` (in batches) and scores it. A response that
+/// hit the cap scores 0 whatever it says.
+fn sample_and_score<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    verifier: &dyn Verifier,
+    prompts: &[&TaskItem],
+    generation: &GenerationConfig,
+    batch_size: usize,
+) -> Result<Sampled> {
+    let start = Instant::now();
+    let mut out = Sampled {
+        tokens: vec![],
+        scores: vec![],
+        finished: vec![],
+        seconds: 0.0,
+    };
+    for (chunk_index, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
+        let inputs: Vec<Vec<u32>> = chunk.iter().map(|item| item.tokens.clone()).collect();
+        let config = GenerationConfig {
+            seed: generation.seed.wrapping_add(chunk_index as u64 * 7919),
+            ..generation.clone()
+        };
+        let generated = generate(model, &inputs, &config)?;
+        let texts: Vec<String> = generated
+            .tokens
+            .iter()
+            .map(|t| tokenizer.decode(t, true))
+            .collect::<Result<_>>()?;
+        let judged: Vec<Judged> = chunk
+            .iter()
+            .zip(&texts)
+            .map(|(item, text)| Judged {
+                prompt: &item.prompt,
+                response: text,
+                answer: &item.answer,
+            })
+            .collect();
+        let scores = verifier.score(&judged)?;
+        for ((tokens, stopped), score) in generated
+            .tokens
+            .into_iter()
+            .zip(generated.stopped)
+            .zip(scores)
+        {
+            out.scores.push(final_score(score, stopped));
+            out.finished.push(stopped);
+            out.tokens.push(tokens);
+        }
+    }
+    out.seconds = start.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// A response cut by the length cap has no final answer: it scores 0, whatever the
+/// verifier found in the unfinished text.
+pub fn final_score(verifier_score: f32, finished: bool) -> f32 {
+    if finished {
+        verifier_score
+    } else {
+        0.0
+    }
+}
+
+/// Indices of the samples to train on, given `samples_per_prompt` consecutive samples per
+/// prompt: the correct ones (score above 0.5), at most `keep_shortest` per prompt when it
+/// is not 0. A prompt with no correct sample contributes nothing.
+pub fn kept_indices(
+    scores: &[f32],
+    lengths: &[usize],
+    samples_per_prompt: usize,
+    keep_shortest: usize,
+) -> Vec<usize> {
+    let mut kept = Vec::new();
+    for start in (0..scores.len()).step_by(samples_per_prompt.max(1)) {
+        let end = (start + samples_per_prompt).min(scores.len());
+        let mut correct: Vec<usize> = (start..end).filter(|&i| scores[i] > 0.5).collect();
+        if keep_shortest > 0 {
+            correct.sort_by_key(|&i| (lengths[i], i));
+            correct.truncate(keep_shortest);
+        }
+        kept.extend(correct);
+    }
+    kept
+}
+
+/// A training row: prompt tokens (not trained on) then the response (trained on).
+pub fn response_row(prompt: &[u32], response: &[u32]) -> TokenRow {
+    let tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
+    TokenRow {
+        loss_mask: (0..tokens.len()).map(|i| i >= prompt.len()).collect(),
+        segment: vec![1; tokens.len()],
+        tokens,
+    }
+}
+
+fn percentile(values: &[usize], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, count) = values.fold((0.0, 0usize), |(s, c), v| (s + v, c + 1));
+    sum / count.max(1) as f64
+}
+
+/// Greedy and sampled accuracy, response lengths (greedy) and the share cut by the budget.
+fn evaluate<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    verifier: &dyn Verifier,
+    items: &[TaskItem],
+    config: &OnPolicyConfig,
+    stop_tokens: &[u32],
+) -> Result<EvalResult> {
+    let prompts: Vec<&TaskItem> = items.iter().collect();
+    let mut generation = GenerationConfig {
+        max_new_tokens: config.eval.max_new_tokens,
+        sampling: SamplingParams::greedy(),
+        seed: config.run.seed ^ 0xE7A1,
+        stop_tokens: stop_tokens.to_vec(),
+        pad_id: tokenizer.pad_id(),
+    };
+    let greedy = sample_and_score(
+        model,
+        tokenizer,
+        verifier,
+        &prompts,
+        &generation,
+        config.eval.batch_size,
+    )?;
+    generation.sampling = SamplingParams {
+        temperature: config.sampling.temperature,
+        top_p: config.sampling.top_p,
+    };
+    let sampled = sample_and_score(
+        model,
+        tokenizer,
+        verifier,
+        &prompts,
+        &generation,
+        config.eval.batch_size,
+    )?;
+    let lengths: Vec<usize> = greedy.tokens.iter().map(Vec::len).collect();
+    Ok(EvalResult {
+        greedy_accuracy: mean(greedy.scores.iter().map(|&s| s as f64)),
+        sampled_accuracy: mean(sampled.scores.iter().map(|&s| s as f64)),
+        mean_length: mean(lengths.iter().map(|&l| l as f64)),
+        p90_length: percentile(&lengths, 0.9),
+        truncated_share: mean(greedy.finished.iter().map(|&f| (!f) as u8 as f64)),
+    })
+}
+
+fn eval_scalars(prefix: &str, result: &EvalResult) -> Vec<(String, f64)> {
+    vec![
+        (format!("{prefix}greedy_accuracy"), result.greedy_accuracy),
+        (format!("{prefix}sampled_accuracy"), result.sampled_accuracy),
+        (format!("{prefix}mean_length"), result.mean_length),
+        (format!("{prefix}p90_length"), result.p90_length),
+        (format!("{prefix}truncated_share"), result.truncated_share),
+    ]
+}
+
+/// The warm-up stage: plain SFT on verbose solutions in `RUN/warmup`, exported to
+/// `RUN/warmup/final`. Resumable like any run; skipped when its export exists.
+fn warm_up<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    tokenizer_dir: &Path,
+    warmup: &WarmupSection,
+    config: &OnPolicyConfig,
+    resolved: &toml::Table,
+) -> Result<Option<PathBuf>> {
+    let dir = config.run.dir.join("warmup");
+    let exported = dir.join("final");
+    if exported.join("config.json").exists() {
+        println!("warm-up: reusing {}", exported.display());
+        return Ok(Some(exported));
+    }
+    let pairs = arithmetic_pairs(
+        config.task.seed,
+        WARMUP_OFFSET,
+        warmup.count,
+        Style::Verbose,
+    );
+    let mut rows = Vec::with_capacity(pairs.len());
+    for (prompt, response) in &pairs {
+        let (prompt, answer) =
+            prompt_and_response(tokenizer, config.task.template, prompt, response)?;
+        let mut row = response_row(&prompt, &answer);
+        row.tokens.truncate(warmup.max_length);
+        row.loss_mask.truncate(warmup.max_length);
+        row.segment.truncate(warmup.max_length);
+        rows.push(row);
+    }
+    prepare_run_dir(&dir, resolved, tokenizer_dir)?;
+    println!(
+        "warm-up: plain SFT on {} verbose solutions for {} steps",
+        rows.len(),
+        warmup.train.steps
+    );
+    let seed = config.run.seed;
+    let (mut trainer, saved) =
+        Trainer::start(model, warmup.train.clone(), None, seed, &dir, &Resume::Auto)?;
+    let mut sampler = match saved {
+        Some(state) => EpochSampler::resume(
+            rows.len(),
+            seed,
+            serde_json::from_value::<SamplerState>(state["sampler"].clone())?,
+        ),
+        None => EpochSampler::new(rows.len(), seed),
+    };
+    if train_on_rows(&mut trainer, &rows, &[], &mut sampler, tokenizer.pad_id())? == Next::Stop {
+        return Ok(None);
+    }
+    let last = trainer
+        .checkpoints
+        .latest_valid(|w| eprintln!("warning: {w}"))?
+        .context("warm-up left no checkpoint")?;
+    export_checkpoint(&last.dir, &exported, checkpoints::StoreDtype::F32)?;
+    Ok(Some(exported))
+}
+
+pub fn run<B: AutodiffBackend>(
+    config: OnPolicyConfig,
+    resolved: &toml::Table,
+    resume: &Resume,
+    device: B::Device,
+) -> Result<()> {
+    let seed = config.run.seed;
+    let loaded = config.model.load::<B>(seed, &device)?;
+    let (tokenizer, tokenizer_dir) = (loaded.tokenizer, loaded.tokenizer_dir);
+    let model = match &config.warmup {
+        Some(warmup) => match warm_up(
+            loaded.model,
+            &tokenizer,
+            &tokenizer_dir,
+            warmup,
+            &config,
+            resolved,
+        )? {
+            Some(dir) => CausalLm::<B>::load(&dir, &device)?,
+            None => return Ok(()), // stopped by a signal
+        },
+        None => loaded.model,
+    };
+    let mut stop_tokens = model.config.eos_token_ids.clone();
+    stop_tokens.extend(tokenizer.stop_ids());
+    if stop_tokens.is_empty() {
+        bail!(
+            "the model has no end-of-sequence token: responses could never finish inside the cap"
+        );
+    }
+    let verifier = config.verifier.build();
+    let (train_items, eval_items) = load_task(&config.task, &tokenizer)?;
+
+    prepare_run_dir(&config.run.dir, resolved, &tokenizer_dir)?;
+    let (mut trainer, saved) = Trainer::start(
+        model,
+        config.train.clone(),
+        config.lora.clone(),
+        seed,
+        &config.run.dir,
+        resume,
+    )?;
+    let (mut prompts, base) = match saved {
+        Some(state) => (
+            EpochSampler::resume(
+                train_items.len(),
+                seed,
+                serde_json::from_value(state["prompts"].clone())?,
+            ),
+            serde_json::from_value::<EvalResult>(state["base"].clone())?,
+        ),
+        None => {
+            println!(
+                "evaluating the base model on {} held-out prompts",
+                eval_items.len()
+            );
+            let base = evaluate(
+                &trainer.eval_model(),
+                &tokenizer,
+                verifier.as_ref(),
+                &eval_items,
+                &config,
+                &stop_tokens,
+            )?;
+            let scalars = eval_scalars("eval_", &base);
+            let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            trainer.metrics.log(0, &refs)?;
+            println!("base: {base:?}");
+            (EpochSampler::new(train_items.len(), seed), base)
+        }
+    };
+    let pad_id = tokenizer.pad_id();
+    let sampling = &config.sampling;
+
+    while !trainer.is_done() {
+        // 1-2. A batch of prompts, n samples each, from the current model.
+        let picked = prompts.next_indices(sampling.prompts_per_step);
+        let batch: Vec<&TaskItem> = picked
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(&train_items[i], sampling.samples_per_prompt))
+            .collect();
+        let generation = GenerationConfig {
+            max_new_tokens: sampling.max_response_tokens,
+            sampling: SamplingParams {
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+            },
+            seed: seed.wrapping_add(trainer.step.wrapping_mul(1_000_003)),
+            stop_tokens: stop_tokens.clone(),
+            pad_id,
+        };
+        // 3. Score: correct and finished inside the cap.
+        let samples = sample_and_score(
+            &trainer.eval_model(),
+            &tokenizer,
+            verifier.as_ref(),
+            &batch,
+            &generation,
+            batch.len(),
+        )?;
+
+        // 4. Keep the correct ones; prompts with none drop out.
+        let lengths: Vec<usize> = samples.tokens.iter().map(Vec::len).collect();
+        let kept = kept_indices(
+            &samples.scores,
+            &lengths,
+            sampling.samples_per_prompt,
+            sampling.keep_shortest,
+        );
+        let prompts_kept: std::collections::BTreeSet<usize> = kept
+            .iter()
+            .map(|i| i / sampling.samples_per_prompt)
+            .collect();
+        let rows: Vec<TokenRow> = kept
+            .iter()
+            .map(|&i| response_row(&batch[i].tokens, &samples.tokens[i]))
+            .collect();
+
+        // 5. One update: token-mean NLL over every kept response.
+        let generated_tokens: usize = samples.tokens.iter().map(Vec::len).sum();
+        let mut scalars = vec![
+            (
+                "sample_accuracy",
+                mean(samples.scores.iter().map(|&s| s as f64)),
+            ),
+            ("kept_share", rows.len() as f64 / batch.len() as f64),
+            (
+                "prompts_kept_share",
+                prompts_kept.len() as f64 / picked.len() as f64,
+            ),
+            (
+                "sample_mean_length",
+                generated_tokens as f64 / batch.len() as f64,
+            ),
+            (
+                "sample_truncated_share",
+                mean(samples.finished.iter().map(|&f| (!f) as u8 as f64)),
+            ),
+            (
+                "sampling_tokens_per_s",
+                generated_tokens as f64 / samples.seconds,
+            ),
+        ];
+        if rows.is_empty() {
+            trainer.skip_step();
+        } else {
+            let micro_batches: Vec<TokenBatch> = rows
+                .chunks(config.train.batch_size.max(1))
+                .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
+                .collect();
+            let stats = trainer.train_step(&micro_batches)?;
+            scalars.extend([
+                ("loss", stats.loss),
+                ("lr", stats.lr),
+                ("grad_norm", stats.grad_norm),
+                ("train_tokens_per_s", stats.tokens as f64 / stats.seconds),
+            ]);
+        }
+        let eval_numbers;
+        if trainer.should_evaluate() {
+            let result = evaluate(
+                &trainer.eval_model(),
+                &tokenizer,
+                verifier.as_ref(),
+                &eval_items,
+                &config,
+                &stop_tokens,
+            )?;
+            eval_numbers = eval_scalars("eval_", &result);
+            scalars.extend(eval_numbers.iter().map(|(k, v)| (k.as_str(), *v)));
+        }
+        trainer.log(&scalars)?;
+        if trainer.end_of_step(|| json!({ "prompts": prompts.state, "base": base }))? == Next::Stop
+        {
+            return Ok(());
+        }
+    }
+
+    let trained = evaluate(
+        &trainer.eval_model(),
+        &tokenizer,
+        verifier.as_ref(),
+        &eval_items,
+        &config,
+        &stop_tokens,
+    )?;
+    let table = summary_table(&base, &trained, eval_items.len());
+    println!("{table}");
+    checkpoints::atomic::write_file(&config.run.dir.join("summary.md"), table.as_bytes())?;
+    let summary = json!({ "base": base, "trained": trained, "eval_prompts": eval_items.len() });
+    checkpoints::atomic::write_file(
+        &config.run.dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    if let Some(last) = trainer
+        .checkpoints
+        .latest_valid(|w| eprintln!("warning: {w}"))?
+    {
+        export_checkpoint(
+            &last.dir,
+            &config.run.dir.join("final"),
+            checkpoints::StoreDtype::F32,
+        )?;
+    }
+    Ok(())
+}
+
+/// The base-versus-trained comparison printed at the end and saved as summary.md.
+pub fn summary_table(base: &EvalResult, trained: &EvalResult, prompts: usize) -> String {
+    let row = |name: &str, r: &EvalResult| {
+        format!(
+            "| {name} | {:.1}% | {:.1}% | {:.1} | {:.0} | {:.1}% |\n",
+            100.0 * r.greedy_accuracy,
+            100.0 * r.sampled_accuracy,
+            r.mean_length,
+            r.p90_length,
+            100.0 * r.truncated_share
+        )
+    };
+    let change = 100.0 * (trained.mean_length / base.mean_length.max(1e-9) - 1.0);
+    format!(
+        "On {prompts} held-out prompts (lengths in tokens, greedy):\n\n\
+         | model | greedy accuracy | sampled accuracy | mean length | p90 length | truncated |\n\
+         | --- | --- | --- | --- | --- | --- |\n{}{}\nmean length {change:+.1}%, greedy accuracy {:+.1} points\n",
+        row("base", base),
+        row("on-policy SFT", trained),
+        100.0 * (trained.greedy_accuracy - base.greedy_accuracy)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_responses_score_zero_even_when_the_verifier_likes_them() {
+        assert_eq!(final_score(1.0, true), 1.0);
+        assert_eq!(final_score(1.0, false), 0.0);
+        assert_eq!(final_score(0.0, true), 0.0);
+    }
+
+    #[test]
+    fn keeps_correct_samples_and_drops_prompts_with_none() {
+        // Three prompts x 3 samples: prompt 1 has no correct sample.
+        let scores = [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+        let lengths = [30, 5, 10, 4, 4, 4, 20, 12, 12];
+        assert_eq!(kept_indices(&scores, &lengths, 3, 0), vec![0, 2, 7, 8]);
+        // Shortest one per prompt (ties broken by order).
+        assert_eq!(kept_indices(&scores, &lengths, 3, 1), vec![2, 7]);
+        assert!(kept_indices(&[0.0; 6], &[1; 6], 3, 0).is_empty());
+    }
+
+    #[test]
+    fn loss_falls_on_response_tokens_only() {
+        let row = response_row(&[7, 8, 9], &[4, 5, 2]);
+        let batch = TokenBatch::from_rows(&[&row], 0);
+        // inputs 7 8 9 4 5 -> targets 8 9 4 5 2: only 4 5 2 (the response) are trained on.
+        assert_eq!(batch.targets[0], vec![8, 9, 4, 5, 2]);
+        assert_eq!(batch.target_mask[0], vec![false, false, true, true, true]);
+    }
+
+    #[test]
+    fn percentiles_and_summary() {
+        assert_eq!(percentile(&[5, 1, 4, 2, 3, 6, 7, 8, 9, 10], 0.9), 9.0);
+        let base = EvalResult {
+            greedy_accuracy: 0.5,
+            sampled_accuracy: 0.4,
+            mean_length: 100.0,
+            p90_length: 150.0,
+            truncated_share: 0.0,
+        };
+        let trained = EvalResult {
+            mean_length: 40.0,
+            greedy_accuracy: 0.49,
+            ..base
+        };
+        let table = summary_table(&base, &trained, 200);
+        assert!(
+            table.contains("mean length -60.0%") && table.contains("-1.0 points"),
+            "{table}"
+        );
+    }
+}
