@@ -32,7 +32,6 @@ const ITEMS: &[&str] = &[
 enum Operation {
     Add(i64),
     Subtract(i64),
-    Multiply(i64),
 }
 
 impl Operation {
@@ -40,15 +39,13 @@ impl Operation {
         match self {
             Self::Add(n) => value + n,
             Self::Subtract(n) => value - n,
-            Self::Multiply(n) => value * n,
         }
     }
 
-    fn sentence(&self, item: &str) -> String {
+    fn sentence(&self, name: &str) -> String {
         match self {
-            Self::Add(n) => format!("Then they get {n} more {item}."),
-            Self::Subtract(n) => format!("Then they give away {n} {item}."),
-            Self::Multiply(n) => format!("Then the number of {item} becomes {n} times as many."),
+            Self::Add(n) => format!("{name} gets {n} more."),
+            Self::Subtract(n) => format!("{name} gives away {n}."),
         }
     }
 
@@ -56,41 +53,40 @@ impl Operation {
         match self {
             Self::Add(n) => format!("{before} + {n} = {}", before + n),
             Self::Subtract(n) => format!("{before} - {n} = {}", before - n),
-            Self::Multiply(n) => format!("{before} * {n} = {}", before * n),
         }
     }
 
-    /// The inverse check of a step, e.g. `15 - 12 = 3`.
+    /// The inverse check of a step, e.g. `15 - 6 = 9`.
     fn check(&self, before: i64) -> String {
         let after = self.apply(before);
         match self {
             Self::Add(n) => format!("{after} - {n} = {before}"),
             Self::Subtract(n) => format!("{after} + {n} = {before}"),
-            Self::Multiply(n) => format!("{after} / {n} = {before}"),
         }
     }
 }
 
 /// Problem `index` of the stream seeded by `seed`, written in `style`. The same
-/// `(seed, index)` gives the same question in both styles.
+/// `(seed, index)` gives the same question in both styles. Numbers are small (one-digit
+/// operands, two steps of adding or giving away) so that a small model trained for minutes
+/// on a CPU solves many of them.
 pub fn arithmetic_problem(seed: u64, index: u64, style: Style) -> Problem {
     let mut rng = StdRng::seed_from_u64(seed ^ index.wrapping_mul(0xD134_2543_DE82_EF95));
     let name = NAMES[rng.random_range(0..NAMES.len())];
     let item = ITEMS[rng.random_range(0..ITEMS.len())];
-    let start: i64 = rng.random_range(2..=20);
+    let start: i64 = rng.random_range(2..=9);
     let mut value = start;
     let mut operations = Vec::new();
     for _ in 0..2 {
-        let operation = match rng.random_range(0..3) {
-            0 => Operation::Add(rng.random_range(1..=20)),
-            1 if value > 1 => Operation::Subtract(rng.random_range(1..value)),
-            1 => Operation::Add(rng.random_range(1..=20)),
-            _ => Operation::Multiply(rng.random_range(2..=3)),
+        let operation = if value > 1 && rng.random_bool(0.5) {
+            Operation::Subtract(rng.random_range(1..value.min(10)))
+        } else {
+            Operation::Add(rng.random_range(1..=9))
         };
         value = operation.apply(value);
         operations.push(operation);
     }
-    let sentences: Vec<String> = operations.iter().map(|o| o.sentence(item)).collect();
+    let sentences: Vec<String> = operations.iter().map(|o| o.sentence(name)).collect();
     let question = format!(
         "{name} has {start} {item}. {} How many {item} does {name} have now?",
         sentences.join(" ")
@@ -102,26 +98,20 @@ pub fn arithmetic_problem(seed: u64, index: u64, style: Style) -> Problem {
         StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
     let mut parts = Vec::new();
     if style == Style::Verbose {
-        parts.push(format!(
-            "Let's think step by step. {name} starts with {start} {item}."
-        ));
+        parts.push("Let's think step by step.".to_string());
     }
     let mut before = start;
     for operation in &operations {
         parts.push(format!("{}.", operation.equation(before)));
         if style == Style::Verbose {
             for _ in 0..style_rng.random_range(0..=3) {
-                parts.push(format!(
-                    "Let me check: {}, so {} is right.",
-                    operation.check(before),
-                    operation.equation(before)
-                ));
+                parts.push(format!("Check: {}.", operation.check(before)));
             }
         }
         before = operation.apply(before);
     }
     if style == Style::Verbose && style_rng.random_bool(0.5) {
-        parts.push(format!("So {name} has {value} {item} now."));
+        parts.push(format!("So {name} has {value} {item}."));
     }
     parts.push(format!("#### {value}"));
     Problem {
@@ -173,19 +163,14 @@ mod tests {
                 .split(['.', ','])
                 .filter(|s| s.contains(" = "))
             {
-                let equation = equation
-                    .trim()
-                    .trim_start_matches("Let me check: ")
-                    .trim_start_matches("so ");
-                let equation = equation.trim_end_matches(" is right");
+                let equation = equation.trim().trim_start_matches("Check: ");
                 let (lhs, rhs) = equation.split_once(" = ").unwrap();
                 let tokens: Vec<&str> = lhs.split(' ').collect();
                 let (a, b): (i64, i64) = (tokens[0].parse().unwrap(), tokens[2].parse().unwrap());
                 let expected = match tokens[1] {
                     "+" => a + b,
                     "-" => a - b,
-                    "*" => a * b,
-                    _ => a / b,
+                    _ => panic!("unexpected operator in {equation}"),
                 };
                 assert_eq!(expected, rhs.trim().parse::<i64>().unwrap(), "{equation}");
             }

@@ -418,6 +418,7 @@ fn warm_up<B: AutodiffBackend>(
     if train_on_rows(&mut trainer, &rows, &[], &mut sampler, tokenizer.pad_id())? == Next::Stop {
         return Ok(None);
     }
+    trainer.finish();
     let last = trainer
         .checkpoints
         .latest_valid(|w| eprintln!("warning: {w}"))?
@@ -604,6 +605,7 @@ pub fn run<B: AutodiffBackend>(
         }
     }
 
+    trainer.finish();
     let trained = evaluate(
         &trainer.eval_model(),
         &tokenizer,

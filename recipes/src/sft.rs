@@ -111,6 +111,7 @@ pub fn run<B: AutodiffBackend>(
     if train_on_rows(&mut trainer, &rows, &eval_batches, &mut sampler, pad_id)? == Next::Stop {
         return Ok(());
     }
+    trainer.finish();
 
     let last = trainer
         .checkpoints

@@ -11,9 +11,12 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod plot;
+pub mod progress;
 pub mod sampling;
 pub mod schedule;
 pub mod train;
+pub mod wandb;
 pub mod weights;
 
 pub use backend::{Cpu, CpuAutodiff, CpuDevice};

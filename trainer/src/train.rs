@@ -10,7 +10,9 @@ use crate::loss::token_nll_sum;
 use crate::metrics::MetricsLog;
 use crate::model::llama::CausalLm;
 use crate::optim::{AdamW, AdamWConfig, Gradients};
+use crate::progress::Progress;
 use crate::schedule::{Decay, Schedule};
+use crate::wandb::{WandbConfig, WandbRun};
 use crate::weights::{self, named_tensors};
 use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
@@ -87,6 +89,9 @@ pub struct TrainConfig {
     /// Parameter name patterns (`*` matches anything) that stay frozen.
     #[serde(default)]
     pub freeze: Vec<String>,
+    /// Stream metrics to Weights & Biases (`[train.wandb]`).
+    #[serde(default)]
+    pub wandb: Option<WandbConfig>,
 }
 
 impl TrainConfig {
@@ -117,6 +122,15 @@ impl Resume {
             Some(path) => Self::From(PathBuf::from(path)),
         }
     }
+}
+
+/// The run's resolved config (config.toml) as JSON, for the W&B run's config.
+fn resolved_config(run_dir: &Path) -> Value {
+    std::fs::read_to_string(run_dir.join("config.toml"))
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|table| serde_json::to_value(table).ok())
+        .unwrap_or(Value::Null)
 }
 
 /// Glob match with `*` standing for any run of characters.
@@ -272,6 +286,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub run_dir: PathBuf,
     pub checkpoints: CheckpointDir,
     pub metrics: MetricsLog,
+    pub progress: Progress,
+    wandb: Option<WandbRun>,
     stop: Arc<AtomicBool>,
 }
 
@@ -317,9 +333,24 @@ impl<B: AutodiffBackend> Trainer<B> {
             eps: config.eps,
             weight_decay: config.weight_decay,
         };
+        let run_name = run_dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "run".into());
+        let wandb = match &config.wandb {
+            Some(wandb) => Some(WandbRun::start(
+                wandb,
+                &run_name,
+                &resolved_config(run_dir),
+                checkpoint.is_some(),
+            )?),
+            None => None,
+        };
         let mut trainer = Self {
             model,
             optimizer: AdamW::new(adam),
+            progress: Progress::new(&run_name, config.steps, 0, config.log_every),
             config,
             lora,
             step: 0,
@@ -327,12 +358,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             run_dir: run_dir.to_path_buf(),
             checkpoints,
             metrics: MetricsLog::open(run_dir, checkpoint.as_ref().map(|c| c.step))?,
+            wandb,
             stop: stop_requested(),
         };
         let recipe_state = match checkpoint {
             Some(checkpoint) => Some(trainer.restore(&checkpoint)?),
             None => None,
         };
+        trainer.progress = Progress::new(
+            &run_name,
+            trainer.config.steps,
+            trainer.step,
+            trainer.config.log_every,
+        );
         Ok((trainer, recipe_state))
     }
 
@@ -463,21 +501,39 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.step += 1;
     }
 
-    /// Logs a step's numbers to metrics.jsonl, and to stdout every `log_every` steps.
+    /// Logs a step's numbers: metrics.jsonl, the progress display, Weights & Biases.
     pub fn log(&mut self, scalars: &[(&str, f64)]) -> Result<()> {
-        self.metrics.log(self.step, scalars)?;
-        if self.config.log_every > 0
-            && (self.step.is_multiple_of(self.config.log_every) || self.step == self.config.steps)
-        {
-            let text: Vec<String> = scalars.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-            println!(
-                "step {}/{} {}",
-                self.step,
-                self.config.steps,
-                text.join(" ")
-            );
+        let line = self.metrics.log(self.step, scalars)?;
+        self.progress.update(self.step, scalars);
+        if let (Some(wandb), Some(map)) = (&mut self.wandb, line.as_object()) {
+            wandb.log(map);
         }
         Ok(())
+    }
+
+    /// Ends the run's telemetry: closes the progress bar, finishes the W&B run with the
+    /// last logged numbers as its summary, and draws the curves into `RUN/plots/`.
+    pub fn finish(&mut self) {
+        self.progress.finish();
+        if let Some(wandb) = self.wandb.take() {
+            let summary = crate::metrics::read_metrics(&self.metrics.path)
+                .ok()
+                .and_then(|lines| lines.last().and_then(|l| l.as_object().cloned()))
+                .unwrap_or_default();
+            let report = wandb.finish(summary, 0);
+            println!(
+                "wandb: sent {} history lines, {} unsent",
+                report.sent_lines, report.unsent_lines
+            );
+        }
+        match crate::plot::plot_run(&self.run_dir) {
+            Ok(files) => println!(
+                "plots: {} curves in {}",
+                files.len(),
+                self.run_dir.join("plots").display()
+            ),
+            Err(error) => eprintln!("warning: no plots: {error:#}"),
+        }
     }
 
     pub fn should_evaluate(&self) -> bool {
