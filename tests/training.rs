@@ -161,7 +161,14 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
         .map(|c| c.step)
         .collect();
     assert!(steps[0] > 8 && steps[0] < 40, "newest checkpoint {steps:?}");
-    run_to_end(sft_command(&test_config(), &run, &["--resume", "auto"]));
+    // Resume from that checkpoint named explicitly.
+    let named = checkpoint(&run, steps[0]);
+    let output = run_to_end(sft_command(
+        &test_config(),
+        &run,
+        &["--resume", named.to_str().unwrap()],
+    ));
+    assert!(String::from_utf8_lossy(&output.stdout).contains(&format!("(step {})", steps[0])));
     assert!(checkpoint(&run, 40).exists());
 }
 

@@ -34,6 +34,8 @@ enum Command {
     Data(DataArgs),
     /// Generate a continuation of a prompt with a Hugging Face model folder.
     Generate(GenerateArgs),
+    /// Draw the curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots/*.png.
+    Plot { run_dir: PathBuf },
     /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
     Export(ExportArgs),
 }
@@ -160,6 +162,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => run_generate(args),
+        Command::Plot { run_dir } => {
+            for file in trainer::plot::plot_run(&run_dir)? {
+                println!("{}", file.display());
+            }
+            Ok(())
+        }
         Command::Export(args) => {
             let dtype = checkpoints::StoreDtype::parse(&args.dtype)?;
             match (args.source.model, args.source.checkpoint) {

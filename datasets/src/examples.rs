@@ -291,3 +291,77 @@ mod tests {
         assert_eq!(batch.target_mask[0], vec![true, true, false, true]);
     }
 }
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+    use crate::tokenizer::ChatMessage;
+
+    fn tokenizer() -> TextTokenizer {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf/llama-gqa");
+        TextTokenizer::from_folder(&dir).unwrap()
+    }
+
+    fn trained_text(tokenizer: &TextTokenizer, row: &TokenRow) -> String {
+        let ids: Vec<u32> = row
+            .tokens
+            .iter()
+            .zip(&row.loss_mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t)
+            .collect();
+        tokenizer.decode(&ids, false).unwrap()
+    }
+
+    #[test]
+    fn chat_records_train_on_assistant_turns_only() {
+        let tokenizer = tokenizer();
+        let record = Record::Chat {
+            messages: vec![
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "2+2?"),
+                ChatMessage::new("assistant", "4"),
+                ChatMessage::new("user", "and 3+3?"),
+                ChatMessage::new("assistant", "6"),
+            ],
+        };
+        let row = tokenize_record(&tokenizer, Template::Chat, &record, 512).unwrap();
+        let whole = tokenizer.decode(&row.tokens, false).unwrap();
+        assert_eq!(
+            whole,
+            tokenizer
+                .apply_chat_template(&record_messages(&record), false)
+                .unwrap()
+        );
+        // The answers and their end-of-turn markers, not the prompts or the headers.
+        assert_eq!(trained_text(&tokenizer, &row), "4<|im_end|>\n6<|im_end|>\n");
+    }
+
+    #[test]
+    fn prompt_response_in_both_templates() {
+        let tokenizer = tokenizer();
+        let record = Record::PromptResponse {
+            prompt: "Tom has 3".into(),
+            response: " apples".into(),
+        };
+        let plain = tokenize_record(&tokenizer, Template::Plain, &record, 512).unwrap();
+        assert_eq!(trained_text(&tokenizer, &plain), " apples<|im_end|>");
+        let chat = tokenize_record(&tokenizer, Template::Chat, &record, 512).unwrap();
+        assert_eq!(trained_text(&tokenizer, &chat), " apples<|im_end|>\n");
+        assert!(tokenizer
+            .decode(&chat.tokens, false)
+            .unwrap()
+            .starts_with("<|im_start|>user\nTom has 3"));
+        // Cut to max_length keeps the start.
+        let cut = tokenize_record(&tokenizer, Template::Plain, &record, 3).unwrap();
+        assert_eq!(cut.tokens, plain.tokens[..3].to_vec());
+    }
+
+    fn record_messages(record: &Record) -> Vec<ChatMessage> {
+        match record {
+            Record::Chat { messages } => messages.clone(),
+            _ => unreachable!(),
+        }
+    }
+}

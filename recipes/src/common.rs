@@ -130,3 +130,21 @@ pub fn batches_in_order(rows: &[TokenRow], batch_size: usize, pad_id: u32) -> Ve
         .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
         .collect()
 }
+
+/// The data cursor saved under `key` in a checkpoint's recipe state, or a fresh one.
+pub fn resume_sampler(
+    saved: &Option<serde_json::Value>,
+    key: &str,
+    len: usize,
+    seed: u64,
+) -> Result<datasets::EpochSampler> {
+    Ok(match saved {
+        Some(state) => datasets::EpochSampler::resume(
+            len,
+            seed,
+            serde_json::from_value(state[key].clone())
+                .with_context(|| format!("checkpoint state: bad `{key}`"))?,
+        ),
+        None => datasets::EpochSampler::new(len, seed),
+    })
+}

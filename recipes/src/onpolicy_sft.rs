@@ -12,7 +12,7 @@
 //! With `[warmup]`, the run first makes its own verbose base model by plain SFT on the
 //! synthetic task's verbose solutions; otherwise `[model]` names the base.
 
-use crate::common::{prepare_run_dir, ModelSection, RunSection};
+use crate::common::{prepare_run_dir, resume_sampler, ModelSection, RunSection};
 use crate::sft::train_on_rows;
 use crate::verify::{Judged, Verifier, VerifierConfig};
 use anyhow::{bail, Context, Result};
@@ -20,12 +20,11 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use datasets::examples::{prompt_and_response, prompt_tokens};
 use datasets::synthetic::{arithmetic_pairs, arithmetic_problem, plain_prompt, Style};
-use datasets::{EpochSampler, SamplerState, Template, TextTokenizer, TokenBatch, TokenRow};
+use datasets::{EpochSampler, Template, TextTokenizer, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use trainer::export::export_checkpoint;
 use trainer::generate::{generate, GenerationConfig};
 use trainer::lora::LoraConfig;
 use trainer::sampling::SamplingParams;
@@ -407,23 +406,12 @@ fn warm_up<B: AutodiffBackend>(
     let seed = config.run.seed;
     let (mut trainer, saved) =
         Trainer::start(model, warmup.train.clone(), None, seed, &dir, &Resume::Auto)?;
-    let mut sampler = match saved {
-        Some(state) => EpochSampler::resume(
-            rows.len(),
-            seed,
-            serde_json::from_value::<SamplerState>(state["sampler"].clone())?,
-        ),
-        None => EpochSampler::new(rows.len(), seed),
-    };
+    let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
     if train_on_rows(&mut trainer, &rows, &[], &mut sampler, tokenizer.pad_id())? == Next::Stop {
         return Ok(None);
     }
     trainer.finish();
-    let last = trainer
-        .checkpoints
-        .latest_valid(|w| eprintln!("warning: {w}"))?
-        .context("warm-up left no checkpoint")?;
-    export_checkpoint(&last.dir, &exported, checkpoints::StoreDtype::F32)?;
+    trainer.export_latest(&exported)?;
     Ok(Some(exported))
 }
 
@@ -622,17 +610,7 @@ pub fn run<B: AutodiffBackend>(
         &config.run.dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
-    if let Some(last) = trainer
-        .checkpoints
-        .latest_valid(|w| eprintln!("warning: {w}"))?
-    {
-        export_checkpoint(
-            &last.dir,
-            &config.run.dir.join("final"),
-            checkpoints::StoreDtype::F32,
-        )?;
-    }
-    Ok(())
+    trainer.export_latest(&config.run.dir.join("final"))
 }
 
 /// The base-versus-trained comparison printed at the end and saved as summary.md.

@@ -1,15 +1,14 @@
 //! Supervised fine-tuning: next-token loss on response tokens of prompt/response or chat
 //! records. On-policy SFT and the LoRA stage of SkipGPT reuse its pieces.
 
-use crate::common::{batches_in_order, prepare_run_dir, ModelSection, RunSection};
+use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use datasets::examples::{pack, tokenize_record};
-use datasets::{EpochSampler, SamplerState, Template, TokenBatch, TokenRow};
+use datasets::{EpochSampler, Template, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::PathBuf;
-use trainer::export::export_checkpoint;
 use trainer::lora::LoraConfig;
 use trainer::train::{evaluate_loss, Next, Resume, TrainConfig, Trainer};
 
@@ -91,14 +90,7 @@ pub fn run<B: AutodiffBackend>(
         &config.run.dir,
         resume,
     )?;
-    let mut sampler = match saved {
-        Some(state) => EpochSampler::resume(
-            rows.len(),
-            seed,
-            serde_json::from_value::<SamplerState>(state["sampler"].clone())?,
-        ),
-        None => EpochSampler::new(rows.len(), seed),
-    };
+    let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
     println!(
         "sft: {} training rows, {} held out, {} steps of {} x {} sequences",
         rows.len(),
@@ -112,16 +104,7 @@ pub fn run<B: AutodiffBackend>(
         return Ok(());
     }
     trainer.finish();
-
-    let last = trainer
-        .checkpoints
-        .latest_valid(|w| eprintln!("warning: {w}"))?;
-    if let Some(checkpoint) = last {
-        let out = config.run.dir.join("final");
-        export_checkpoint(&checkpoint.dir, &out, checkpoints::StoreDtype::F32)?;
-        println!("exported {}", out.display());
-    }
-    Ok(())
+    trainer.export_latest(&config.run.dir.join("final"))
 }
 
 /// Plain SFT until the trainer's step budget is spent: shuffled micro-batches of `rows`,

@@ -581,6 +581,23 @@ impl<B: AutodiffBackend> Trainer<B> {
             .save(self.step, &contents, self.config.keep_last)
     }
 
+    /// Exports the newest valid checkpoint as a Hugging Face folder at `out` (LoRA merged,
+    /// the adapter alongside in the PEFT layout).
+    pub fn export_latest(&self, out: &Path) -> Result<()> {
+        let last = self
+            .checkpoints
+            .latest_valid(|warning| eprintln!("warning: {warning}"))?
+            .with_context(|| {
+                format!(
+                    "{} has no checkpoint to export",
+                    self.checkpoints.root.display()
+                )
+            })?;
+        crate::export::export_checkpoint(&last.dir, out, checkpoints::StoreDtype::F32)?;
+        println!("exported {}", out.display());
+        Ok(())
+    }
+
     /// The model for evaluation and generation: no gradient tracking.
     pub fn eval_model(&self) -> CausalLm<B::InnerBackend> {
         self.model.valid()
