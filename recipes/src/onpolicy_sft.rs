@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::generate::{generate, GenerationConfig};
 use trainer::lora::LoraConfig;
+use trainer::progress::Progress;
 use trainer::sampling::SamplingParams;
 use trainer::train::{Next, Resume, TrainConfig, Trainer};
 use trainer::CausalLm;
@@ -206,8 +207,11 @@ fn sample_and_score<B: Backend>(
     prompts: &[&TaskItem],
     generation: &GenerationConfig,
     batch_size: usize,
+    progress_label: Option<&str>,
 ) -> Result<Sampled> {
     let start = Instant::now();
+    let chunks = prompts.len().div_ceil(batch_size.max(1)) as u64;
+    let progress = progress_label.map(|label| Progress::new(label, chunks, 0, 1));
     let mut out = Sampled {
         tokens: vec![],
         scores: vec![],
@@ -246,6 +250,13 @@ fn sample_and_score<B: Backend>(
             out.finished.push(stopped);
             out.tokens.push(tokens);
         }
+        if let Some(progress) = &progress {
+            let accuracy = mean(out.scores.iter().map(|&s| s as f64));
+            progress.update(chunk_index as u64 + 1, &[("accuracy", accuracy)]);
+        }
+    }
+    if let Some(progress) = &progress {
+        progress.finish();
     }
     out.seconds = start.elapsed().as_secs_f64();
     Ok(out)
@@ -332,6 +343,7 @@ fn evaluate<B: Backend>(
         &prompts,
         &generation,
         config.eval.batch_size,
+        Some("eval greedy"),
     )?;
     generation.sampling = SamplingParams {
         temperature: config.sampling.temperature,
@@ -344,6 +356,7 @@ fn evaluate<B: Backend>(
         &prompts,
         &generation,
         config.eval.batch_size,
+        Some("eval sampled"),
     )?;
     let lengths: Vec<usize> = greedy.tokens.iter().map(Vec::len).collect();
     Ok(EvalResult {
@@ -514,6 +527,7 @@ pub fn run<B: AutodiffBackend>(
             &batch,
             &generation,
             batch.len(),
+            None,
         )?;
 
         // 4. Keep the correct ones; prompts with none drop out.
