@@ -460,6 +460,16 @@ pub fn run<B: AutodiffBackend>(
     }
     let verifier = config.verifier.build();
     let (train_items, eval_items) = load_task(&config.task, &tokenizer)?;
+    let evaluate_now = |trainer: &Trainer<B>| {
+        evaluate(
+            &trainer.eval_model(),
+            &tokenizer,
+            verifier.as_ref(),
+            &eval_items,
+            &config,
+            &stop_tokens,
+        )
+    };
 
     prepare_run_dir(&config.run.dir, resolved, &tokenizer_dir)?;
     let (mut trainer, saved) = Trainer::start(
@@ -484,14 +494,7 @@ pub fn run<B: AutodiffBackend>(
                 "evaluating the base model on {} held-out prompts",
                 eval_items.len()
             );
-            let base = evaluate(
-                &trainer.eval_model(),
-                &tokenizer,
-                verifier.as_ref(),
-                &eval_items,
-                &config,
-                &stop_tokens,
-            )?;
+            let base = evaluate_now(&trainer)?;
             let scalars = eval_scalars("eval_", &base);
             let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             trainer.metrics.log(0, &refs)?;
@@ -589,14 +592,7 @@ pub fn run<B: AutodiffBackend>(
         }
         let eval_numbers;
         if trainer.should_evaluate() {
-            let result = evaluate(
-                &trainer.eval_model(),
-                &tokenizer,
-                verifier.as_ref(),
-                &eval_items,
-                &config,
-                &stop_tokens,
-            )?;
+            let result = evaluate_now(&trainer)?;
             eval_numbers = eval_scalars("eval_", &result);
             scalars.extend(eval_numbers.iter().map(|(k, v)| (k.as_str(), *v)));
         }
@@ -608,14 +604,7 @@ pub fn run<B: AutodiffBackend>(
     }
 
     trainer.finish();
-    let trained = evaluate(
-        &trainer.eval_model(),
-        &tokenizer,
-        verifier.as_ref(),
-        &eval_items,
-        &config,
-        &stop_tokens,
-    )?;
+    let trained = evaluate_now(&trainer)?;
     let table = summary_table(&base, &trained, eval_items.len());
     println!("{table}");
     checkpoints::atomic::write_file(&config.run.dir.join("summary.md"), table.as_bytes())?;
