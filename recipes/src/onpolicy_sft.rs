@@ -329,34 +329,31 @@ fn evaluate<B: Backend>(
     stop_tokens: &[u32],
 ) -> Result<EvalResult> {
     let prompts: Vec<&TaskItem> = items.iter().collect();
-    let mut generation = GenerationConfig {
-        max_new_tokens: config.eval.max_new_tokens,
-        sampling: SamplingParams::greedy(),
-        seed: config.run.seed ^ 0xE7A1,
-        stop_tokens: stop_tokens.to_vec(),
-        pad_id: tokenizer.pad_id(),
+    let run = |sampling: SamplingParams, label: &str| {
+        let generation = GenerationConfig {
+            max_new_tokens: config.eval.max_new_tokens,
+            sampling,
+            seed: config.run.seed ^ 0xE7A1,
+            stop_tokens: stop_tokens.to_vec(),
+            pad_id: tokenizer.pad_id(),
+        };
+        sample_and_score(
+            model,
+            tokenizer,
+            verifier,
+            &prompts,
+            &generation,
+            config.eval.batch_size,
+            Some(label),
+        )
     };
-    let greedy = sample_and_score(
-        model,
-        tokenizer,
-        verifier,
-        &prompts,
-        &generation,
-        config.eval.batch_size,
-        Some("eval greedy"),
-    )?;
-    generation.sampling = SamplingParams {
-        temperature: config.sampling.temperature,
-        top_p: config.sampling.top_p,
-    };
-    let sampled = sample_and_score(
-        model,
-        tokenizer,
-        verifier,
-        &prompts,
-        &generation,
-        config.eval.batch_size,
-        Some("eval sampled"),
+    let greedy = run(SamplingParams::greedy(), "eval greedy")?;
+    let sampled = run(
+        SamplingParams {
+            temperature: config.sampling.temperature,
+            top_p: config.sampling.top_p,
+        },
+        "eval sampled",
     )?;
     let lengths: Vec<usize> = greedy.tokens.iter().map(Vec::len).collect();
     Ok(EvalResult {
