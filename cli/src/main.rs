@@ -38,6 +38,21 @@ enum Command {
     Plot { run_dir: PathBuf },
     /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
     Export(ExportArgs),
+    /// Convert a GGUF file (llama.cpp) into a Hugging Face folder, dequantizing to `--dtype`.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// GGUF file to read (v2 or v3; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K tensors).
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored precision: f32 (exact for every quant type), bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(clap::Args)]
@@ -179,6 +194,24 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => unreachable!("clap requires a source"),
             }
             println!("wrote {}", args.out.display());
+            Ok(())
+        }
+        Command::Import(args) => {
+            let dtype = checkpoints::StoreDtype::parse(&args.dtype)?;
+            let summary = checkpoints::gguf::import::import_gguf(&args.gguf, &args.out, dtype)?;
+            let types: Vec<String> = summary
+                .tensor_types
+                .iter()
+                .map(|(name, count)| format!("{count} {name}"))
+                .collect();
+            println!(
+                "imported {} ({}, {:.1}M parameters; tensors: {}) into {}",
+                summary.model_name.as_deref().unwrap_or("model"),
+                summary.architecture,
+                summary.parameters as f64 / 1e6,
+                types.join(", "),
+                args.out.display()
+            );
             Ok(())
         }
     }
