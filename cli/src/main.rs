@@ -92,6 +92,9 @@ struct RecipeCommand {
     /// `auto` (newest valid checkpoint of the run folder) or a checkpoint folder.
     #[arg(long)]
     resume: Option<String>,
+    /// One stage of a multi-stage recipe (skipgpt: `router` or `lora`).
+    #[arg(long)]
+    stage: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -160,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
                 config,
                 overrides: args.overrides,
                 resume: Resume::parse(args.resume.as_deref()),
+                stage: args.stage,
             })
         }
         Command::Data(args) => {

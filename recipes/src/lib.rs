@@ -5,6 +5,7 @@
 pub mod common;
 pub mod onpolicy_sft;
 pub mod sft;
+pub mod skipgpt;
 pub mod verify;
 
 use anyhow::Result;
@@ -19,6 +20,8 @@ pub struct RecipeArgs {
     pub config: PathBuf,
     pub overrides: Vec<String>,
     pub resume: Resume,
+    /// `--stage`: run one stage of a multi-stage recipe.
+    pub stage: Option<String>,
 }
 
 /// One line of `trainer recipes`, and how to run it.
@@ -38,6 +41,12 @@ pub const ALL: &[RecipeInfo] = &[
         run: run_onpolicy_sft,
     },
     RecipeInfo {
+        name: "skipgpt",
+        summary: "token routers that skip attention and MLP per token (router stage, then LoRA); real skipping at inference",
+        default_config: "recipes/configs/skipgpt/tiny.toml",
+        run: run_skipgpt,
+    },
+    RecipeInfo {
         name: "sft",
         summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
         default_config: "recipes/configs/sft/tiny.toml",
@@ -52,7 +61,15 @@ pub fn find(name: &str) -> Result<&'static RecipeInfo> {
     })
 }
 
+fn no_stages(args: &RecipeArgs, recipe: &str) -> Result<()> {
+    match &args.stage {
+        Some(stage) => anyhow::bail!("recipe {recipe} has no stages (got --stage {stage})"),
+        None => Ok(()),
+    }
+}
+
 fn run_sft(args: &RecipeArgs) -> Result<()> {
+    no_stages(args, "sft")?;
     let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
     let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
     with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
@@ -64,6 +81,7 @@ fn run_sft(args: &RecipeArgs) -> Result<()> {
 }
 
 fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
+    no_stages(args, "onpolicy-sft")?;
     let (config, resolved): (onpolicy_sft::OnPolicyConfig, _) =
         load_config(&args.config, &args.overrides)?;
     let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
@@ -75,6 +93,19 @@ fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
         &args.resume,
         device
     ))
+}
+
+fn run_skipgpt(args: &RecipeArgs) -> Result<()> {
+    let (mut config, resolved): (skipgpt::SkipGptConfig, _) =
+        load_config(&args.config, &args.overrides)?;
+    if let Some(stage) = &args.stage {
+        config.stages = vec![skipgpt::Stage::parse(stage)?];
+    }
+    let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
+    with_backend!(
+        device,
+        |B, device| skipgpt::run::<burn::backend::Autodiff<B>>(config, &resolved, device)
+    )
 }
 
 /// The default config path of a recipe, relative to the repository root.

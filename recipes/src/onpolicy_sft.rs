@@ -12,8 +12,8 @@
 //! With `[warmup]`, the run first makes its own verbose base model by plain SFT on the
 //! synthetic task's verbose solutions; otherwise `[model]` names the base.
 
-use crate::common::{prepare_run_dir, resume_sampler, ModelSection, RunSection};
-use crate::sft::train_on_rows;
+use crate::common::{prepare_run_dir, ModelSection, RunSection};
+use crate::sft::{train_stage, SftStage, StageContext};
 use crate::verify::{Judged, Verifier, VerifierConfig};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -385,12 +385,6 @@ fn warm_up<B: AutodiffBackend>(
     config: &OnPolicyConfig,
     resolved: &toml::Table,
 ) -> Result<Option<PathBuf>> {
-    let dir = config.run.dir.join("warmup");
-    let exported = dir.join("final");
-    if exported.join("config.json").exists() {
-        println!("warm-up: reusing {}", exported.display());
-        return Ok(Some(exported));
-    }
     let pairs = arithmetic_pairs(
         config.task.seed,
         WARMUP_OFFSET,
@@ -407,22 +401,21 @@ fn warm_up<B: AutodiffBackend>(
         row.segment.truncate(warmup.max_length);
         rows.push(row);
     }
-    prepare_run_dir(&dir, resolved, tokenizer_dir)?;
-    println!(
-        "warm-up: plain SFT on {} verbose solutions for {} steps",
-        rows.len(),
-        warmup.train.steps
-    );
-    let seed = config.run.seed;
-    let (mut trainer, saved) =
-        Trainer::start(model, warmup.train.clone(), None, seed, &dir, &Resume::Auto)?;
-    let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
-    if train_on_rows(&mut trainer, &rows, &[], &mut sampler, tokenizer.pad_id())? == Next::Stop {
-        return Ok(None);
-    }
-    trainer.finish();
-    trainer.export_latest(&exported)?;
-    Ok(Some(exported))
+    let stage = SftStage {
+        name: "warm-up (plain SFT on verbose solutions)",
+        dir: config.run.dir.join("warmup"),
+        train: &warmup.train,
+        lora: None,
+        rows: &rows,
+        eval_batches: &[],
+    };
+    let context = StageContext {
+        resolved,
+        tokenizer_dir,
+        seed: config.run.seed,
+        pad_id: tokenizer.pad_id(),
+    };
+    train_stage(model, &stage, &context)
 }
 
 pub fn run<B: AutodiffBackend>(

@@ -8,9 +8,10 @@ use datasets::examples::{pack, tokenize_record};
 use datasets::{EpochSampler, Template, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use trainer::lora::LoraConfig;
 use trainer::train::{evaluate_loss, Next, Resume, TrainConfig, Trainer};
+use trainer::CausalLm;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,4 +148,72 @@ pub fn train_on_rows<B: AutodiffBackend>(
         }
     }
     Ok(Next::Continue)
+}
+
+/// What every stage of a multi-stage recipe shares.
+pub struct StageContext<'a> {
+    /// The resolved config, copied into each stage's folder.
+    pub resolved: &'a toml::Table,
+    pub tokenizer_dir: &'a Path,
+    pub seed: u64,
+    pub pad_id: u32,
+}
+
+/// One plain-SFT stage of a recipe (on-policy SFT's warm-up, SkipGPT's pre-training and LoRA
+/// stage).
+pub struct SftStage<'a> {
+    pub name: &'a str,
+    /// The stage's run folder; the result is exported to `dir/final`.
+    pub dir: PathBuf,
+    pub train: &'a TrainConfig,
+    pub lora: Option<LoraConfig>,
+    pub rows: &'a [TokenRow],
+    pub eval_batches: &'a [TokenBatch],
+}
+
+/// Runs an SFT stage in its own folder, resumable like any run, and exports it to
+/// `dir/final`; skipped when that export exists. `None` when a signal stopped it.
+pub fn train_stage<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    stage: &SftStage<'_>,
+    context: &StageContext<'_>,
+) -> Result<Option<PathBuf>> {
+    let exported = stage.dir.join("final");
+    if exported.join("config.json").exists() {
+        println!(
+            "{}: reusing {} (delete it to train this stage again)",
+            stage.name,
+            exported.display()
+        );
+        return Ok(Some(exported));
+    }
+    prepare_run_dir(&stage.dir, context.resolved, context.tokenizer_dir)?;
+    println!(
+        "{}: {} rows, {} steps",
+        stage.name,
+        stage.rows.len(),
+        stage.train.steps
+    );
+    let (mut trainer, saved) = Trainer::start(
+        model,
+        stage.train.clone(),
+        stage.lora.clone(),
+        context.seed,
+        &stage.dir,
+        &Resume::Auto,
+    )?;
+    let mut sampler = resume_sampler(&saved, "sampler", stage.rows.len(), context.seed)?;
+    let next = train_on_rows(
+        &mut trainer,
+        stage.rows,
+        stage.eval_batches,
+        &mut sampler,
+        context.pad_id,
+    )?;
+    if next == Next::Stop {
+        return Ok(None);
+    }
+    trainer.finish();
+    trainer.export_latest(&exported)?;
+    Ok(Some(exported))
 }

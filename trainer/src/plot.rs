@@ -93,3 +93,68 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let pad = ((hi - lo) * 0.05).max(hi.abs() * 0.05).max(1e-6);
     (lo - pad, hi + pad)
 }
+
+/// SkipGPT's routing map: one cell per (layer, module kind) holding the share of tokens that
+/// execute it, darker for more; layer 0 at the bottom.
+pub fn plot_routing_map(path: &Path, keep: &[[f64; 2]], title: &str) -> Result<()> {
+    register_font();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let layers = keep.len().max(1);
+    let height = (120 + 40 * layers).min(1600) as u32;
+    let root = BitMapBackend::new(path, (560, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(
+            // A segmented range `0..n` has n + 1 cells.
+            (0..1usize).into_segmented(),
+            (0..layers - 1).into_segmented(),
+        )?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(2)
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(0) => "attention".into(),
+            SegmentValue::CenterOf(1) => "MLP".into(),
+            _ => String::new(),
+        })
+        .y_labels(layers)
+        .y_label_formatter(&|y| match y {
+            SegmentValue::CenterOf(layer) => layer.to_string(),
+            _ => String::new(),
+        })
+        .y_desc("layer")
+        .axis_desc_style(("sans-serif", 16))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (layer, kinds) in keep.iter().enumerate() {
+        for (kind, &share) in kinds.iter().enumerate() {
+            let shade = (255.0 * (1.0 - share.clamp(0.0, 1.0))) as u8;
+            let color = RGBColor(shade, shade, 255);
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [
+                    (SegmentValue::Exact(kind), SegmentValue::Exact(layer)),
+                    (
+                        SegmentValue::Exact(kind + 1),
+                        SegmentValue::Exact(layer + 1),
+                    ),
+                ],
+                color.filled(),
+            )))?;
+            let text_color = if share > 0.5 { WHITE } else { BLACK };
+            chart.draw_series(std::iter::once(Text::new(
+                format!("{:.0}%", 100.0 * share),
+                (SegmentValue::CenterOf(kind), SegmentValue::CenterOf(layer)),
+                ("sans-serif", 15).into_font().color(&text_color),
+            )))?;
+        }
+    }
+    root.present()?;
+    Ok(())
+}

@@ -89,6 +89,9 @@ pub struct TrainConfig {
     /// Parameter name patterns (`*` matches anything) that stay frozen.
     #[serde(default)]
     pub freeze: Vec<String>,
+    /// When not empty, only parameters matching one of these patterns train.
+    #[serde(default)]
+    pub train_only: Vec<String>,
     /// Stream metrics to Weights & Biases (`[train.wandb]`).
     #[serde(default)]
     pub wandb: Option<WandbConfig>,
@@ -156,7 +159,13 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// Whether parameter `name` trains: with LoRA only adapters do; `freeze` patterns never do.
 fn is_trainable(config: &TrainConfig, adapters_only: bool, name: &str) -> bool {
     let candidate = !adapters_only || lora::is_adapter_parameter(name);
+    let selected = config.train_only.is_empty()
+        || config
+            .train_only
+            .iter()
+            .any(|pattern| glob_match(pattern, name));
     candidate
+        && selected
         && !config
             .freeze
             .iter()
@@ -196,6 +205,8 @@ pub struct DeviceBatch<B: Backend> {
     pub allowed: Tensor<B, 4, Bool>,
     pub targets: Tensor<B, 2, Int>,
     pub selected: Tensor<B, 2>,
+    /// 1 for real tokens, 0 for padding, `[batch, seq]`.
+    pub valid: Tensor<B, 2>,
     pub num_targets: usize,
 }
 
@@ -217,7 +228,14 @@ impl<B: Backend> DeviceBatch<B> {
             .flatten()
             .map(|&m| m as i32 as f32)
             .collect();
+        let valid: Vec<f32> = batch
+            .segment
+            .iter()
+            .flatten()
+            .map(|&s| (s != 0) as i32 as f32)
+            .collect();
         Self {
+            valid: Tensor::from_data(TensorData::new(valid, [rows, width]), device),
             tokens: crate::model::mask::token_tensor(&batch.inputs, device),
             positions: crate::model::mask::int_tensor(&batch.positions, device),
             allowed: Tensor::from_data(TensorData::new(allowed, [rows, 1, width, width]), device),
@@ -242,6 +260,30 @@ pub fn evaluate_loss<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) ->
         count += batch.num_targets;
     }
     total / count.max(1) as f64
+}
+
+/// Where a micro-batch sits in its step, so an objective can scale its loss: the losses of
+/// a step's micro-batches must add up to the step's loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MicroBatchShare {
+    pub index: usize,
+    pub count: usize,
+    /// Target tokens over all micro-batches of the step.
+    pub total_targets: usize,
+}
+
+/// The loss a training step minimises, for one micro-batch.
+pub type Objective<'a, B> =
+    dyn Fn(&CausalLm<B>, DeviceBatch<B>, MicroBatchShare) -> Tensor<B, 1> + 'a;
+
+/// Next-token cross-entropy, the token mean over the whole step.
+pub fn next_token_objective<B: Backend>(
+    model: &CausalLm<B>,
+    batch: DeviceBatch<B>,
+    share: MicroBatchShare,
+) -> Tensor<B, 1> {
+    let logits = model.forward(batch.tokens, batch.positions, batch.allowed);
+    token_nll_sum(logits, batch.targets, batch.selected).div_scalar(share.total_targets as f64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -422,6 +464,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         &self,
         micro_batches: &[TokenBatch],
     ) -> Result<(f64, Gradients<B::InnerBackend>)> {
+        self.loss_and_gradients_of(micro_batches, &next_token_objective)
+    }
+
+    /// As [`loss_and_gradients`](Self::loss_and_gradients) with another objective.
+    pub fn loss_and_gradients_of(
+        &self,
+        micro_batches: &[TokenBatch],
+        objective: &Objective<'_, B>,
+    ) -> Result<(f64, Gradients<B::InnerBackend>)> {
         let total_targets: usize = micro_batches.iter().map(TokenBatch::num_targets).sum();
         if total_targets == 0 {
             bail!(
@@ -439,11 +490,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut loss = 0.0;
         for (index, batch) in micro_batches.iter().enumerate() {
             let batch = DeviceBatch::<B>::new(batch, &device);
-            let logits = self
-                .model
-                .forward(batch.tokens, batch.positions, batch.allowed);
-            let micro_loss = token_nll_sum(logits, batch.targets, batch.selected)
-                .div_scalar(total_targets as f64);
+            let share = MicroBatchShare {
+                index,
+                count: micro_batches.len(),
+                total_targets,
+            };
+            let micro_loss = objective(&self.model, batch, share);
             let value: f32 = micro_loss.clone().into_scalar().elem();
             if !value.is_finite() {
                 bail!(
@@ -465,13 +517,22 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// One optimizer update over `micro_batches` (see [`loss_and_gradients`](Self::loss_and_gradients)),
     /// with global-norm clipping and the step's learning rate.
     pub fn train_step(&mut self, micro_batches: &[TokenBatch]) -> Result<StepStats> {
+        self.train_step_of(micro_batches, &next_token_objective)
+    }
+
+    /// As [`train_step`](Self::train_step), minimising another objective.
+    pub fn train_step_of(
+        &mut self,
+        micro_batches: &[TokenBatch],
+        objective: &Objective<'_, B>,
+    ) -> Result<StepStats> {
         let start = Instant::now();
         let tokens = micro_batches
             .iter()
             .flat_map(|b| &b.inputs)
             .map(Vec::len)
             .sum();
-        let (loss, mut gradients) = self.loss_and_gradients(micro_batches)?;
+        let (loss, mut gradients) = self.loss_and_gradients_of(micro_batches, objective)?;
         let grad_norm = if self.config.max_grad_norm > 0.0 {
             gradients.clip_global_norm(self.config.max_grad_norm)
         } else {

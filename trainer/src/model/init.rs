@@ -41,6 +41,25 @@ impl ParamInit {
         }
     }
 
+    /// A parameter drawn uniformly from `[-bound, bound]` (Kaiming-uniform router weights).
+    pub fn uniform<B: Backend, const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        bound: f32,
+        device: &B::Device,
+    ) -> Param<Tensor<B, D>> {
+        match self {
+            Self::Normal { rng, .. } => {
+                let count = shape.iter().product();
+                let values: Vec<f32> = (0..count)
+                    .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
+                    .collect();
+                Param::from_data(TensorData::new(values, shape), device)
+            }
+            Self::Lazy => zeros_lazy(shape, device),
+        }
+    }
+
     /// A parameter filled with `value` (norm weights start at one, LoRA's B at zero).
     pub fn constant<B: Backend, const D: usize>(
         &mut self,

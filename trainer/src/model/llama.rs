@@ -11,6 +11,7 @@
 
 use super::init::ParamInit;
 use super::layers::{Embedding, Linear, RmsNorm, Rope, RopeTables, SwiGluMlp};
+use super::router::LayerRouter;
 use crate::weights;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -19,6 +20,9 @@ use checkpoints::hf_folder::{save_hf_folder, HfFolder, CONFIG_FILE};
 use checkpoints::StoreDtype;
 use serde_json::{json, Value};
 use std::path::Path;
+
+/// The config.json key that says a model carries SkipGPT routers.
+pub const SKIP_ROUTERS_KEY: &str = "skipgpt_routers";
 
 /// The subset of a Hugging Face `config.json` this family needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +46,9 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// SkipGPT token routers on every layer (`"skipgpt_routers": true` in config.json);
+    /// their weights are `model.layers.N.router.{attn,mlp}.{fc1,fc2}.{weight,bias}`.
+    pub skip_routers: bool,
     /// The original config.json, written back unchanged on save (keeps keys we do not use).
     pub original: Option<Value>,
 }
@@ -86,6 +93,7 @@ impl LlamaConfig {
             max_position_embeddings: 2048,
             bos_token_id: None,
             eos_token_ids: vec![],
+            skip_routers: false,
             original: None,
         }
     }
@@ -204,6 +212,7 @@ impl LlamaConfig {
                 .map(|v| v as u32),
             eos_token_ids,
             model_type,
+            skip_routers: bool_or(SKIP_ROUTERS_KEY, false)?,
             original: Some(json.clone()),
         })
     }
@@ -211,9 +220,21 @@ impl LlamaConfig {
     /// The config.json to save: the original one if the model was loaded, else a fresh one in
     /// the layout both `transformers` 4 and 5 read.
     pub fn to_json(&self) -> Value {
-        if let Some(original) = &self.original {
-            return original.clone();
+        let mut config = match &self.original {
+            Some(original) => original.clone(),
+            None => self.fresh_json(),
+        };
+        if let Some(map) = config.as_object_mut() {
+            if self.skip_routers {
+                map.insert(SKIP_ROUTERS_KEY.into(), Value::Bool(true));
+            } else {
+                map.remove(SKIP_ROUTERS_KEY);
+            }
         }
+        config
+    }
+
+    fn fresh_json(&self) -> Value {
         let architecture = if self.model_type == "qwen2" {
             "Qwen2ForCausalLM"
         } else {
@@ -464,7 +485,7 @@ impl<B: Backend> Attention<B> {
     }
 
     /// Grouped-query attention: each key/value head serves `num_heads / num_kv_heads` queries.
-    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let groups = self.num_heads / self.num_kv_heads;
         if groups == 1 {
             return x;
@@ -482,6 +503,8 @@ pub struct DecoderLayer<B: Backend> {
     pub mlp: SwiGluMlp<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
+    /// SkipGPT's per-token routers (`None` for a dense model).
+    pub router: Option<LayerRouter<B>>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -502,6 +525,17 @@ impl<B: Backend> DecoderLayer<B> {
                 init,
                 device,
             ),
+            router: config
+                .skip_routers
+                .then(|| LayerRouter::new(config.hidden_size, init, device)),
+        }
+    }
+
+    /// The gates inference uses: deterministic routing when the layer has routers.
+    pub fn inference_gates(&self, hidden: &Tensor<B, 3>) -> LayerGates<B> {
+        match &self.router {
+            Some(router) => router.hard_gates(hidden.clone()),
+            None => LayerGates::default(),
         }
     }
 
@@ -631,6 +665,27 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
+    /// Adds fresh SkipGPT routers to every layer (Kaiming-uniform weights, zero bias).
+    pub fn with_routers(mut self, seed: u64) -> Self {
+        let device = self.device();
+        let mut init = ParamInit::normal(seed, 0.0);
+        let hidden = self.config.hidden_size;
+        for layer in &mut self.model.layers {
+            layer.router = Some(LayerRouter::new(hidden, &mut init, &device));
+        }
+        self.config.skip_routers = true;
+        self
+    }
+
+    /// The dense model: routers removed, every module runs for every token.
+    pub fn without_routers(mut self) -> Self {
+        for layer in &mut self.model.layers {
+            layer.router = None;
+        }
+        self.config.skip_routers = false;
+        self
+    }
+
     pub fn num_layers(&self) -> usize {
         self.model.layers.len()
     }
@@ -681,7 +736,8 @@ impl<B: Backend> CausalLm<B> {
         let context = self.attention_context(positions, allowed);
         let mut hidden = self.embed(tokens);
         for layer in &self.model.layers {
-            hidden = layer.forward(hidden, &context, None, &LayerGates::default());
+            let gates = layer.inference_gates(&hidden);
+            hidden = layer.forward(hidden, &context, None, &gates);
         }
         self.head(hidden)
     }
@@ -698,7 +754,8 @@ impl<B: Backend> CausalLm<B> {
         let context = self.attention_context(positions, allowed);
         let mut hidden = self.embed(tokens);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            hidden = layer.forward(hidden, &context, Some(slot), &LayerGates::default());
+            let gates = layer.inference_gates(&hidden);
+            hidden = layer.forward(hidden, &context, Some(slot), &gates);
         }
         self.head(hidden)
     }

@@ -5,3 +5,4 @@ pub mod init;
 pub mod layers;
 pub mod llama;
 pub mod mask;
+pub mod router;

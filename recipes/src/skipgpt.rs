@@ -1,0 +1,628 @@
+//! SkipGPT (EIT-NLP, ICML 2025): dynamic pruning of a decoder, per token, deciding separately
+//! for each layer's attention and MLP.
+//!
+//! 1. (`[pretrain]`, optional) SkipGPT presupposes a pretrained model; the CPU default config
+//!    first trains a small dense one on the shipped corpus.
+//! 2. Stage `router`: every layer gets two routers (`trainer/src/model/router.rs`); the base is
+//!    frozen and only the routers train, on
+//!    `LM loss + lambda * |mean gate - keep target|`, the mean taken over all real tokens,
+//!    layers and both module kinds (one global budget). Gates are straight-through
+//!    Gumbel-softmax; the temperature anneals linearly from 5 to 1. An optional curriculum
+//!    lowers the keep target in steps.
+//! 3. Stage `lora`: routers frozen, LoRA (r 16, alpha 32 on q, v and gate projections) trains
+//!    with the plain LM loss on the routed model.
+//! 4. Held-out perplexity of the dense, routed and routed+LoRA models, the measured keep ratio
+//!    per layer and module kind (with real skipping), a routing map, and the pruned models as
+//!    Hugging Face folders with the routers under `model.layers.N.router.{attn,mlp}.*`.
+//!
+//! One deviation, on purpose: inference routes deterministically (argmax, no noise) while the
+//! public code keeps the Gumbel noise at evaluation. So that training ends on the routing that
+//! inference uses, the noise is faded out over the end of the router stage
+//! (`router.noise_fade = [start, end]`, fractions of the stage).
+
+use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
+use crate::sft::{train_stage, SftStage, StageContext};
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use datasets::{EpochSampler, TextTokenizer, TokenBatch, TokenRow};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use trainer::lora::LoraConfig;
+use trainer::loss::token_nll_sum;
+use trainer::model::llama::LayerGates;
+use trainer::model::router::straight_through_gate;
+use trainer::train::{DeviceBatch, MicroBatchShare, Next, Resume, TrainConfig, Trainer};
+use trainer::CausalLm;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkipGptConfig {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub corpus: CorpusSection,
+    /// Dense training of the base model on the corpus first (for models made from scratch).
+    pub pretrain: Option<TrainConfig>,
+    pub router: RouterSection,
+    pub lora: LoraSection,
+    /// The stages this run goes through, in order (`trainer recipe skipgpt --stage ...` picks one).
+    #[serde(default = "both_stages")]
+    pub stages: Vec<Stage>,
+    #[serde(default = "eight")]
+    pub eval_batch_size: usize,
+}
+
+fn both_stages() -> Vec<Stage> {
+    vec![Stage::Router, Stage::Lora]
+}
+
+fn eight() -> usize {
+    8
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Router,
+    Lora,
+}
+
+impl Stage {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "router" => Ok(Self::Router),
+            "lora" => Ok(Self::Lora),
+            other => bail!("unknown skipgpt stage `{other}` (router or lora)"),
+        }
+    }
+}
+
+/// Plain text, cut into windows of `seq_len + 1` tokens; every `1 / eval_fraction`-th window is
+/// held out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusSection {
+    pub train: PathBuf,
+    pub seq_len: usize,
+    #[serde(default = "five_percent")]
+    pub eval_fraction: f64,
+}
+
+fn five_percent() -> f64 {
+    0.05
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Target share of skipped modules (0.25: a quarter of all attention and MLP runs).
+    pub sparsity: f64,
+    #[serde(default = "twenty")]
+    pub lambda: f64,
+    #[serde(default = "five")]
+    pub temperature_start: f64,
+    #[serde(default = "one")]
+    pub temperature_end: f64,
+    /// The Gumbel noise fades linearly from full at `noise_fade[0]` to none at `noise_fade[1]`
+    /// (fractions of the stage's steps). `[1.0, 1.0]` keeps the noise throughout.
+    #[serde(default = "default_noise_fade")]
+    pub noise_fade: [f64; 2],
+    /// Curriculum: the keep target starts at 1 and drops by `curriculum_step` every
+    /// `curriculum_every` steps down to `1 - sparsity` (0 turns it off).
+    #[serde(default)]
+    pub curriculum_every: u64,
+    #[serde(default = "tenth")]
+    pub curriculum_step: f64,
+    pub train: TrainConfig,
+}
+
+fn twenty() -> f64 {
+    20.0
+}
+fn five() -> f64 {
+    5.0
+}
+fn one() -> f64 {
+    1.0
+}
+fn tenth() -> f64 {
+    0.1
+}
+fn default_noise_fade() -> [f64; 2] {
+    [0.5, 0.8]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    pub adapter: LoraConfig,
+    pub train: TrainConfig,
+}
+
+/// Temperature, noise scale and keep target of the router stage at a step: pure functions of
+/// the step, so resuming needs no extra state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterSchedule {
+    pub temperature: f64,
+    pub noise_scale: f64,
+    pub keep_target: f64,
+}
+
+impl RouterSection {
+    pub fn schedule_at(&self, step: u64) -> RouterSchedule {
+        let steps = self.train.steps.max(1);
+        let progress = step as f64 / (steps.saturating_sub(1)).max(1) as f64;
+        let temperature =
+            self.temperature_start + (self.temperature_end - self.temperature_start) * progress;
+        let fraction = step as f64 / steps as f64;
+        let [fade_start, fade_end] = self.noise_fade;
+        let noise_scale = if fraction < fade_start {
+            1.0
+        } else if fraction >= fade_end {
+            0.0
+        } else {
+            1.0 - (fraction - fade_start) / (fade_end - fade_start)
+        };
+        let final_keep = 1.0 - self.sparsity;
+        let keep_target = match step.checked_div(self.curriculum_every) {
+            Some(drops) => (1.0 - self.curriculum_step * drops as f64).max(final_keep),
+            None => final_keep,
+        };
+        RouterSchedule {
+            temperature,
+            noise_scale,
+            keep_target,
+        }
+    }
+}
+
+/// The corpus as training and held-out rows.
+pub fn corpus_rows(
+    corpus: &CorpusSection,
+    tokenizer: &TextTokenizer,
+) -> Result<(Vec<TokenRow>, Vec<TokenRow>)> {
+    let text = std::fs::read_to_string(&corpus.train)
+        .with_context(|| format!("cannot read corpus {}", corpus.train.display()))?;
+    let tokens = tokenizer.encode(&text, false)?;
+    let window = corpus.seq_len + 1;
+    if tokens.len() < 2 * window {
+        bail!(
+            "{}: {} tokens are too few for windows of {window}",
+            corpus.train.display(),
+            tokens.len()
+        );
+    }
+    let every = (1.0 / corpus.eval_fraction.clamp(1e-6, 0.5)).round() as usize;
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (index, chunk) in tokens.chunks_exact(window).enumerate() {
+        let row = TokenRow {
+            tokens: chunk.to_vec(),
+            loss_mask: vec![true; window],
+            segment: vec![1; window],
+        };
+        if index % every == every - 1 {
+            eval.push(row);
+        } else {
+            train.push(row);
+        }
+    }
+    Ok((train, eval))
+}
+
+/// Gumbel(0, 1) noise `[batch, seq, 2]`, scaled, from a seeded host generator.
+fn gumbel_noise<B: Backend>(
+    rng: &mut StdRng,
+    shape: [usize; 3],
+    scale: f64,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let count = shape.iter().product();
+    let values: Vec<f32> = (0..count)
+        .map(|_| {
+            let u: f64 = rng.random::<f64>().clamp(1e-10, 1.0 - 1e-10);
+            (-(-u.ln()).ln() * scale) as f32
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// The training forward: every module runs and is multiplied by its straight-through gate.
+/// Returns the logits and the mean gate over real tokens, layers and both module kinds.
+/// Without noise the gates equal the deterministic ones inference uses.
+pub fn gated_forward<B: Backend>(
+    model: &CausalLm<B>,
+    batch: &DeviceBatch<B>,
+    temperature: f64,
+    mut noise: Option<(&mut StdRng, f64)>,
+) -> Result<(Tensor<B, 3>, Tensor<B, 1>)> {
+    let context = model.attention_context(batch.positions.clone(), batch.allowed.clone());
+    let mut hidden = model.embed(batch.tokens.clone());
+    let [b, s, _] = hidden.dims();
+    let valid = batch.valid.clone().unsqueeze_dim::<3>(2);
+    let device = model.device();
+    let mut gate_sum = Tensor::<B, 1>::zeros([1], &device);
+    for (index, layer) in model.model.layers.iter().enumerate() {
+        let router = layer
+            .router
+            .as_ref()
+            .with_context(|| format!("layer {index} has no router"))?;
+        let mut gate = |logits: Tensor<B, 3>| {
+            let noise = noise
+                .as_mut()
+                .filter(|(_, scale)| *scale > 0.0)
+                .map(|(rng, scale)| gumbel_noise(rng, [b, s, 2], *scale, &device));
+            straight_through_gate(logits, noise, temperature)
+        };
+        let gates = LayerGates {
+            attn: Some(gate(router.attn.forward(hidden.clone()))),
+            mlp: Some(gate(router.mlp.forward(hidden.clone()))),
+        };
+        for g in [&gates.attn, &gates.mlp].into_iter().flatten() {
+            gate_sum = gate_sum + (g.clone() * valid.clone()).sum();
+        }
+        hidden = layer.forward(hidden, &context, None, &gates);
+    }
+    let decisions = 2.0 * model.num_layers() as f64;
+    let mean_gate = gate_sum / batch.valid.clone().sum().mul_scalar(decisions);
+    Ok((model.head(hidden), mean_gate))
+}
+
+/// `LM loss + lambda * |mean gate - keep target|`, the LM loss a token mean over the step.
+pub fn router_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    mean_gate: Tensor<B, 1>,
+    batch: &DeviceBatch<B>,
+    share: MicroBatchShare,
+    keep_target: f64,
+    lambda: f64,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let lm = token_nll_sum(logits, batch.targets.clone(), batch.selected.clone())
+        .div_scalar(share.total_targets as f64);
+    let budget = mean_gate
+        .sub_scalar(keep_target)
+        .abs()
+        .mul_scalar(lambda / share.count as f64);
+    (lm.clone() + budget, lm)
+}
+
+/// What real skipping measured on held-out rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutedEval {
+    pub perplexity: f64,
+    /// Share of real tokens that execute each layer's (attention, MLP).
+    pub keep: Vec<[f64; 2]>,
+    /// Over all layers and both kinds.
+    pub overall_keep: f64,
+}
+
+/// Held-out perplexity and keep ratios of a model, computed with real skipping (a dense model
+/// keeps everything).
+pub fn evaluate_routed<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) -> RoutedEval {
+    let device = model.device();
+    let layers = model.num_layers();
+    let (mut nll, mut targets) = (0.0, 0usize);
+    let mut kept = vec![[0usize; 2]; layers];
+    let mut real_tokens = 0usize;
+    for batch in batches {
+        let real: Vec<bool> = batch.segment.iter().flatten().map(|&s| s != 0).collect();
+        real_tokens += real.iter().filter(|&&r| r).count();
+        let on_device = DeviceBatch::<B>::new(batch, &device);
+        let (logits, decisions) =
+            model.forward_skipping(on_device.tokens, on_device.positions, on_device.allowed);
+        let sum: f32 = token_nll_sum(logits, on_device.targets, on_device.selected)
+            .into_scalar()
+            .elem();
+        nll += sum as f64;
+        targets += on_device.num_targets;
+        for (layer, decision) in decisions.iter().enumerate() {
+            for (kind, flags) in [&decision.attn, &decision.mlp].into_iter().enumerate() {
+                kept[layer][kind] += flags.iter().zip(&real).filter(|(f, r)| **f && **r).count();
+            }
+        }
+    }
+    let share = |count: usize| count as f64 / real_tokens.max(1) as f64;
+    let keep: Vec<[f64; 2]> = kept.iter().map(|[a, m]| [share(*a), share(*m)]).collect();
+    let overall_keep = keep.iter().map(|[a, m]| a + m).sum::<f64>() / (2 * layers.max(1)) as f64;
+    RoutedEval {
+        perplexity: (nll / targets.max(1) as f64).exp(),
+        keep,
+        overall_keep,
+    }
+}
+
+/// Stage `router`: fresh routers on the frozen base; exported to `RUN/router/final`.
+/// Resumable like any run; skipped when its export exists.
+fn router_stage<B: AutodiffBackend>(
+    base: CausalLm<B>,
+    rows: &[TokenRow],
+    eval_batches: &[TokenBatch],
+    config: &SkipGptConfig,
+    context: &StageContext<'_>,
+) -> Result<Option<PathBuf>> {
+    let dir = config.run.dir.join("router");
+    let exported = dir.join("final");
+    if exported.join("config.json").exists() {
+        println!(
+            "router stage: reusing {} (delete it to train the routers again)",
+            exported.display()
+        );
+        return Ok(Some(exported));
+    }
+    let (seed, pad_id) = (context.seed, context.pad_id);
+    let mut train = config.router.train.clone();
+    train.train_only = vec!["*.router.*".into()];
+    prepare_run_dir(&dir, context.resolved, context.tokenizer_dir)?;
+    let model = base.with_routers(seed);
+    let (mut trainer, saved) = Trainer::start(model, train, None, seed, &dir, &Resume::Auto)?;
+    let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
+    println!(
+        "router stage: target sparsity {:.0}%, {} steps (base frozen, routers train)",
+        100.0 * config.router.sparsity,
+        config.router.train.steps
+    );
+    let router = &config.router;
+    while !trainer.is_done() {
+        let micro_batches = next_micro_batches(&mut sampler, rows, &trainer.config, pad_id);
+        let schedule = router.schedule_at(trainer.step);
+        let step = trainer.step;
+        let (lm_loss, train_keep) = (Cell::new(0.0), Cell::new(0.0));
+        let objective = |model: &CausalLm<B>, batch: DeviceBatch<B>, share: MicroBatchShare| {
+            let mut rng = StdRng::seed_from_u64(seed ^ (step << 16) ^ share.index as u64);
+            let noise = Some((&mut rng, schedule.noise_scale));
+            let (logits, mean_gate) = gated_forward(model, &batch, schedule.temperature, noise)
+                .expect("routers were just added");
+            let keep: f32 = mean_gate.clone().into_scalar().elem();
+            let (loss, lm) = router_loss(
+                logits,
+                mean_gate,
+                &batch,
+                share,
+                schedule.keep_target,
+                router.lambda,
+            );
+            let lm: f32 = lm.clone().into_scalar().elem();
+            lm_loss.set(lm_loss.get() + lm as f64);
+            train_keep.set(train_keep.get() + keep as f64 / share.count as f64);
+            loss
+        };
+        let stats = trainer.train_step_of(&micro_batches, &objective)?;
+        let mut scalars = vec![
+            ("loss", stats.loss),
+            ("lm_loss", lm_loss.get()),
+            ("keep", train_keep.get()),
+            ("keep_target", schedule.keep_target),
+            ("temperature", schedule.temperature),
+            ("noise_scale", schedule.noise_scale),
+            ("lr", stats.lr),
+            ("grad_norm", stats.grad_norm),
+            ("train_tokens_per_s", stats.tokens as f64 / stats.seconds),
+        ];
+        if trainer.should_evaluate() && !eval_batches.is_empty() {
+            let eval = evaluate_routed(&trainer.eval_model(), eval_batches);
+            scalars.push(("eval_perplexity", eval.perplexity));
+            scalars.push(("eval_keep", eval.overall_keep));
+        }
+        trainer.log(&scalars)?;
+        if trainer.end_of_step(|| json!({ "sampler": sampler.state }))? == Next::Stop {
+            return Ok(None);
+        }
+    }
+    trainer.finish();
+    trainer.export_latest(&exported)?;
+    Ok(Some(exported))
+}
+
+fn next_micro_batches(
+    sampler: &mut EpochSampler,
+    rows: &[TokenRow],
+    train: &TrainConfig,
+    pad_id: u32,
+) -> Vec<TokenBatch> {
+    (0..train.grad_accum)
+        .map(|_| {
+            let picked: Vec<&TokenRow> = sampler
+                .next_indices(train.batch_size)
+                .into_iter()
+                .map(|i| &rows[i])
+                .collect();
+            TokenBatch::from_rows(&picked, pad_id)
+        })
+        .collect()
+}
+
+/// Every stage resumes from its newest checkpoint and a finished stage is reused, so
+/// `--resume` needs no argument here.
+pub fn run<B: AutodiffBackend>(
+    config: SkipGptConfig,
+    resolved: &toml::Table,
+    device: B::Device,
+) -> Result<()> {
+    if !(0.0..1.0).contains(&config.router.sparsity) {
+        bail!(
+            "router.sparsity must be in [0, 1), got {}",
+            config.router.sparsity
+        );
+    }
+    let seed = config.run.seed;
+    let loaded = config.model.load::<B>(seed, &device)?;
+    let (tokenizer, tokenizer_dir) = (loaded.tokenizer, loaded.tokenizer_dir);
+    let pad_id = tokenizer.pad_id();
+    let (rows, eval_rows) = corpus_rows(&config.corpus, &tokenizer)?;
+    let eval_batches = batches_in_order(&eval_rows, config.eval_batch_size, pad_id);
+    prepare_run_dir(&config.run.dir, resolved, &tokenizer_dir)?;
+    println!(
+        "skipgpt: {} training windows, {} held out, stages {:?}",
+        rows.len(),
+        eval_rows.len(),
+        config.stages
+    );
+
+    let context = StageContext {
+        resolved,
+        tokenizer_dir: &tokenizer_dir,
+        seed,
+        pad_id,
+    };
+
+    // The dense base: pretrained here on the corpus, or the model as loaded.
+    let base = match &config.pretrain {
+        Some(pretrain) => {
+            let stage = SftStage {
+                name: "pretrain (dense, on the corpus)",
+                dir: config.run.dir.join("pretrain"),
+                train: pretrain,
+                lora: None,
+                rows: &rows,
+                eval_batches: &eval_batches,
+            };
+            match train_stage(loaded.model, &stage, &context)? {
+                Some(exported) => CausalLm::<B>::load(&exported, &device)?,
+                None => return Ok(()), // stopped by a signal
+            }
+        }
+        None => loaded.model,
+    };
+
+    let router_dir = config.run.dir.join("router").join("final");
+    if config.stages.contains(&Stage::Router)
+        && router_stage(base.clone(), &rows, &eval_batches, &config, &context)?.is_none()
+    {
+        return Ok(());
+    }
+    let lora_dir = config.run.dir.join("lora").join("final");
+    if config.stages.contains(&Stage::Lora) {
+        if !router_dir.join("config.json").exists() {
+            bail!(
+                "stage lora needs the routed model {}: run `--stage router` first",
+                router_dir.display()
+            );
+        }
+        let routed = CausalLm::<B>::load(&router_dir, &device)?;
+        let stage = SftStage {
+            name: "lora stage (routers frozen)",
+            dir: config.run.dir.join("lora"),
+            train: &config.lora.train,
+            lora: Some(config.lora.adapter.clone()),
+            rows: &rows,
+            eval_batches: &eval_batches,
+        };
+        if train_stage(routed, &stage, &context)?.is_none() {
+            return Ok(());
+        }
+    }
+    report(
+        &config,
+        &base,
+        &router_dir,
+        &lora_dir,
+        &eval_batches,
+        &device,
+    )
+}
+
+/// Perplexity next to the dense model, keep ratios, the routing map; `RUN/summary.{md,json}`.
+fn report<B: AutodiffBackend>(
+    config: &SkipGptConfig,
+    base: &CausalLm<B>,
+    router_dir: &Path,
+    lora_dir: &Path,
+    eval_batches: &[TokenBatch],
+    device: &B::Device,
+) -> Result<()> {
+    type Eval<B> = <B as AutodiffBackend>::InnerBackend;
+    let mut rows = vec![(
+        "dense".to_string(),
+        evaluate_routed(&base.valid().without_routers(), eval_batches),
+    )];
+    for (name, dir) in [("routers", router_dir), ("routers + LoRA", lora_dir)] {
+        if dir.join("config.json").exists() {
+            let model = CausalLm::<Eval<B>>::load(dir, device)?;
+            rows.push((name.to_string(), evaluate_routed(&model, eval_batches)));
+        }
+    }
+    let mut table = format!(
+        "# SkipGPT, target sparsity {:.0}%\n\n| model | held-out perplexity | keep ratio |\n| --- | --- | --- |\n",
+        100.0 * config.router.sparsity
+    );
+    for (name, eval) in &rows {
+        table += &format!(
+            "| {name} | {:.3} | {:.1}% |\n",
+            eval.perplexity,
+            100.0 * eval.overall_keep
+        );
+    }
+    if let Some((name, last)) = rows.iter().rev().find(|(n, _)| n != "dense") {
+        table += &format!("\nKeep ratio per layer ({name}):\n\n| layer | attention | MLP |\n| --- | --- | --- |\n");
+        for (layer, [attn, mlp]) in last.keep.iter().enumerate() {
+            table += &format!("| {layer} | {:.1}% | {:.1}% |\n", 100.0 * attn, 100.0 * mlp);
+        }
+        let plot = config.run.dir.join("plots").join("routing-map.png");
+        trainer::plot::plot_routing_map(
+            &plot,
+            &last.keep,
+            &format!("keep ratio per layer and module ({name})"),
+        )?;
+        println!("routing map: {}", plot.display());
+    }
+    print!("\n{table}");
+    let summary: serde_json::Map<String, serde_json::Value> = rows
+        .iter()
+        .map(|(name, eval)| (name.clone(), json!(eval)))
+        .collect();
+    checkpoints::atomic::write_file(&config.run.dir.join("summary.md"), table.as_bytes())?;
+    checkpoints::atomic::write_file(
+        &config.run.dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(curriculum_every: u64) -> RouterSection {
+        RouterSection {
+            sparsity: 0.25,
+            lambda: 20.0,
+            temperature_start: 5.0,
+            temperature_end: 1.0,
+            noise_fade: [0.5, 0.8],
+            curriculum_every,
+            curriculum_step: 0.1,
+            train: toml::from_str("steps = 101\nbatch_size = 1\nlr = 1e-3").unwrap(),
+        }
+    }
+
+    #[test]
+    fn temperature_anneals_linearly_from_5_to_1() {
+        let router = section(0);
+        assert_eq!(router.schedule_at(0).temperature, 5.0);
+        assert!((router.schedule_at(50).temperature - 3.0).abs() < 1e-12);
+        assert_eq!(router.schedule_at(100).temperature, 1.0);
+    }
+
+    #[test]
+    fn noise_fades_out_and_curriculum_steps_down() {
+        let router = section(0);
+        assert_eq!(router.schedule_at(10).noise_scale, 1.0);
+        let middle = router.schedule_at(66).noise_scale;
+        assert!(middle > 0.0 && middle < 1.0, "{middle}");
+        assert_eq!(router.schedule_at(90).noise_scale, 0.0);
+        assert_eq!(router.schedule_at(0).keep_target, 0.75);
+
+        let curriculum = section(10);
+        let keeps: Vec<f64> = [0, 9, 10, 25, 30, 100]
+            .iter()
+            .map(|&s| curriculum.schedule_at(s).keep_target)
+            .collect();
+        let want = [1.0, 1.0, 0.9, 0.8, 0.75, 0.75];
+        for (k, w) in keeps.iter().zip(want) {
+            assert!((k - w).abs() < 1e-9, "{keeps:?}");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! SkipGPT: routed forwards agree, the sparsity loss and gate mean, which parameters train in
+//! each stage, the export with routers, and a short run of all stages through the binary.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use checkpoints::{StoreDtype, WeightSource};
+use common::*;
+use datasets::{TokenBatch, TokenRow};
+use recipes::skipgpt::{evaluate_routed, gated_forward, router_loss};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::process::Command;
+use trainer::model::init::ParamInit;
+use trainer::model::llama::LlamaConfig;
+use trainer::model::router::LayerDecisions;
+use trainer::train::{DeviceBatch, MicroBatchShare, Resume, TrainConfig, Trainer};
+use trainer::weights::named_tensors;
+use trainer::{CausalLm, Cpu};
+
+type Train = Autodiff<Cpu>;
+
+fn tiny_routed<B: Backend>(seed: u64) -> CausalLm<B> {
+    let config = LlamaConfig::tiny(64, 32, 3, 4, 2);
+    CausalLm::<B>::new(
+        &config,
+        &mut ParamInit::normal(seed, 0.3),
+        &Default::default(),
+    )
+    .with_routers(seed + 1)
+}
+
+/// Two rows of different lengths (the second padded), all tokens trained.
+fn batch() -> TokenBatch {
+    let row = |tokens: Vec<u32>| TokenRow {
+        loss_mask: vec![true; tokens.len()],
+        segment: vec![1; tokens.len()],
+        tokens,
+    };
+    let long = row((0..17).map(|i| (i * 7 + 3) % 64).collect());
+    let short = row((0..11).map(|i| (i * 5 + 1) % 64).collect());
+    TokenBatch::from_rows(&[&long, &short], 0)
+}
+
+fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+    t.into_data().to_vec().unwrap()
+}
+
+#[test]
+fn real_skipping_equals_the_gated_forward_with_hard_gates() {
+    let model = tiny_routed::<Cpu>(3);
+    let batch = batch();
+    let device = Default::default();
+    let on_device = DeviceBatch::<Cpu>::new(&batch, &device);
+    let (gated, _) = gated_forward(&model, &on_device, 1.0, None).unwrap();
+    let (skipping, decisions) = model.forward_skipping(
+        on_device.tokens.clone(),
+        on_device.positions.clone(),
+        on_device.allowed.clone(),
+    );
+    let multiplied = model.forward(on_device.tokens, on_device.positions, on_device.allowed);
+    let flags: Vec<bool> = decisions
+        .iter()
+        .flat_map(|d| d.attn.iter().chain(&d.mlp).copied())
+        .collect();
+    assert!(
+        flags.contains(&true) && flags.contains(&false),
+        "the routers must skip some modules and run others for this test to mean anything"
+    );
+    let (gated, skipping, multiplied) = (values(gated), values(skipping), values(multiplied));
+    // Padded positions are not compared: their rows are meaningless in every forward.
+    let (width, vocab) = (batch.width(), 64);
+    for (row, segment) in batch.segment.iter().enumerate() {
+        for col in (0..width).filter(|&c| segment[c] != 0) {
+            let at = (row * width + col) * vocab..(row * width + col + 1) * vocab;
+            let error = max_abs_diff(&gated[at.clone()], &skipping[at.clone()]);
+            assert!(error < 1e-4, "row {row} col {col}: {error}");
+            assert!(max_abs_diff(&multiplied[at.clone()], &skipping[at]) < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn skipped_modules_are_not_applied() {
+    let model = tiny_routed::<Cpu>(4);
+    let device = Default::default();
+    let on_device = DeviceBatch::<Cpu>::new(&batch(), &device);
+    let tokens = on_device.tokens.clone();
+    let (logits, _) = model.forward_with_decisions(
+        on_device.tokens,
+        on_device.positions,
+        on_device.allowed,
+        |_, hidden| {
+            let [b, s, _] = hidden.dims();
+            LayerDecisions {
+                attn: vec![false; b * s],
+                mlp: vec![false; b * s],
+            }
+        },
+    );
+    // Everything skipped: the layers are the identity and the logits are the head of the
+    // embeddings.
+    let expected = model.head(model.embed(tokens));
+    assert!(max_abs_diff(&values(logits), &values(expected)) < 1e-6);
+}
+
+#[test]
+fn sparsity_loss_is_lambda_times_the_distance_to_the_keep_target() {
+    let device = Default::default();
+    let model = tiny_routed::<Train>(5);
+    let on_device = DeviceBatch::<Train>::new(&batch(), &device);
+    let share = MicroBatchShare {
+        index: 0,
+        count: 2,
+        total_targets: on_device.num_targets,
+    };
+    let (logits, mean_gate) = gated_forward(&model, &on_device, 1.0, None).unwrap();
+    let gate: f32 = mean_gate.clone().into_scalar();
+    let (loss, lm) = router_loss(logits, mean_gate, &on_device, share, 0.75, 20.0);
+    let (loss, lm): (f32, f32) = (loss.into_scalar(), lm.into_scalar());
+    // Two micro-batches: each carries half of the budget term.
+    let budget = 20.0 * (gate - 0.75).abs() / 2.0;
+    assert!((loss - lm - budget).abs() < 1e-4, "{loss} {lm} {budget}");
+
+    // The mean counts real tokens only, over every layer and both module kinds.
+    let (_, decisions) = model.valid().forward_skipping(
+        on_device.tokens.inner(),
+        on_device.positions.inner(),
+        on_device.allowed.inner(),
+    );
+    let real: Vec<bool> = batch().segment.iter().flatten().map(|&s| s != 0).collect();
+    let (mut on, mut total) = (0, 0);
+    for d in &decisions {
+        for flags in [&d.attn, &d.mlp] {
+            on += flags.iter().zip(&real).filter(|(f, r)| **f && **r).count();
+            total += real.iter().filter(|r| **r).count();
+        }
+    }
+    assert!((gate - on as f32 / total as f32).abs() < 1e-5);
+}
+
+fn train_config(text: &str) -> TrainConfig {
+    toml::from_str(text).unwrap()
+}
+
+fn parameters(model: &CausalLm<Train>) -> BTreeMap<String, Vec<f32>> {
+    named_tensors(&model.valid())
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.data))
+        .collect()
+}
+
+/// Which parameters moved between two snapshots.
+fn changed(before: &BTreeMap<String, Vec<f32>>, after: &BTreeMap<String, Vec<f32>>) -> Vec<String> {
+    after
+        .iter()
+        .filter(|(name, values)| before.get(*name) != Some(values))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+#[test]
+fn router_stage_trains_only_routers_and_lora_stage_only_adapters() {
+    let rows = vec![batch()];
+    let mut config = train_config("steps = 2\nbatch_size = 2\nlr = 1e-2\nlog_every = 100");
+    config.train_only = vec!["*.router.*".into()];
+    let dir = scratch_dir("skipgpt-freezing-router");
+    let model = tiny_routed::<Train>(6);
+    let (mut trainer, _) = Trainer::start(model, config, None, 0, &dir, &Resume::No).unwrap();
+    let before = parameters(&trainer.model);
+    let objective = |model: &CausalLm<Train>, batch: DeviceBatch<Train>, share: MicroBatchShare| {
+        let (logits, gate) = gated_forward(model, &batch, 2.0, None).unwrap();
+        router_loss(logits, gate, &batch, share, 0.5, 20.0).0
+    };
+    trainer.train_step_of(&rows, &objective).unwrap();
+    let moved = changed(&before, &parameters(&trainer.model));
+    assert!(!moved.is_empty());
+    assert!(moved.iter().all(|n| n.contains(".router.")), "{moved:?}");
+    assert!(moved.iter().any(|n| n.contains(".router.attn.fc1.weight")));
+
+    // LoRA stage: adapters train; routers and the base stay.
+    let lora =
+        toml::from_str("rank = 4\nalpha = 8.0\ntargets = [\"q_proj\", \"v_proj\", \"gate_proj\"]")
+            .unwrap();
+    let config = train_config("steps = 2\nbatch_size = 2\nlr = 1e-2\nlog_every = 100");
+    let dir = scratch_dir("skipgpt-freezing-lora");
+    let model = trainer.model.clone();
+    let (mut trainer, _) = Trainer::start(model, config, Some(lora), 0, &dir, &Resume::No).unwrap();
+    // Two steps: LoRA's B starts at zero, so A only moves from the second step on.
+    let before = parameters(&trainer.model);
+    trainer.train_step(&rows).unwrap();
+    trainer.train_step(&rows).unwrap();
+    let moved = changed(&before, &parameters(&trainer.model));
+    assert!(moved.iter().all(|n| n.contains(".lora.")), "{moved:?}");
+    for target in ["q_proj", "v_proj", "gate_proj"] {
+        assert!(
+            moved.iter().any(|n| n.contains(target)),
+            "{target}: {moved:?}"
+        );
+    }
+}
+
+#[test]
+fn routed_model_saves_with_documented_router_names_and_reloads() {
+    let model = tiny_routed::<Cpu>(7);
+    let dir = scratch_dir("skipgpt-export");
+    model.save(&dir, StoreDtype::F32, None).unwrap();
+    let source = WeightSource::open(&[dir.join("model.safetensors")]).unwrap();
+    for kind in ["attn", "mlp"] {
+        for part in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] {
+            let name = format!("model.layers.2.router.{kind}.{part}");
+            assert!(source.contains(&name), "{name}");
+        }
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["skipgpt_routers"], true);
+    let back = CausalLm::<Cpu>::load(&dir, &Default::default()).unwrap();
+    let device = Default::default();
+    let on_device = DeviceBatch::<Cpu>::new(&batch(), &device);
+    let (a, da) = model.forward_skipping(
+        on_device.tokens.clone(),
+        on_device.positions.clone(),
+        on_device.allowed.clone(),
+    );
+    let (b, db) = back.forward_skipping(on_device.tokens, on_device.positions, on_device.allowed);
+    assert_eq!(da, db);
+    assert_eq!(values(a), values(b));
+}
+
+#[test]
+fn evaluation_counts_keep_ratios_per_layer_and_kind() {
+    let model = tiny_routed::<Cpu>(8);
+    let eval = evaluate_routed(&model, &[batch()]);
+    assert_eq!(eval.keep.len(), 3);
+    let mean = eval.keep.iter().map(|[a, m]| a + m).sum::<f64>() / 6.0;
+    assert!((mean - eval.overall_keep).abs() < 1e-12);
+    assert!(eval.perplexity.is_finite() && eval.perplexity > 1.0);
+    let dense = evaluate_routed(&model.clone().without_routers(), &[batch()]);
+    assert_eq!(dense.overall_keep, 1.0);
+    assert_ne!(dense.perplexity, eval.perplexity);
+}
+
+fn skipgpt_command(run_dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(trainer_bin());
+    command
+        .current_dir(repo_root())
+        .args([
+            "recipe",
+            "skipgpt",
+            "--config",
+            "tests/fixtures/configs/skipgpt-test.toml",
+        ])
+        .arg("--set")
+        .arg(format!("run.dir=\"{}\"", run_dir.display()))
+        .args(extra);
+    command
+}
+
+#[test]
+fn all_stages_run_report_and_export_through_the_binary() {
+    let run_dir = scratch_dir("skipgpt-run");
+    let output = skipgpt_command(&run_dir, &["--stage", "lora"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("--stage router"),
+        "{stderr}"
+    );
+
+    let output = skipgpt_command(&run_dir, &[]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    for name in ["dense", "routers", "routers + LoRA"] {
+        let entry = &summary[name];
+        assert!(entry["perplexity"].as_f64().unwrap() > 1.0, "{name}");
+        assert_eq!(entry["keep"].as_array().unwrap().len(), 2, "{name}");
+    }
+    assert_eq!(summary["dense"]["overall_keep"], 1.0);
+    let map = image::open(run_dir.join("plots/routing-map.png")).unwrap();
+    assert!(map.width() > 100 && map.height() > 100);
+
+    // The final model: base + routers + merged LoRA, routing at inference.
+    let final_dir = run_dir.join("lora/final");
+    let source = WeightSource::open(&[final_dir.join("model.safetensors")]).unwrap();
+    assert!(source.contains("model.layers.1.router.mlp.fc2.bias"));
+    assert!(!source.names().any(|n| n.contains("lora")));
+    let model = CausalLm::<Cpu>::load(&final_dir, &Default::default()).unwrap();
+    assert!(model.config.skip_routers);
+
+    // A second run reuses the finished stages.
+    let output = skipgpt_command(&run_dir, &[]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success());
+    assert!(stdout.contains("router stage: reusing"), "{stdout}");
+}
