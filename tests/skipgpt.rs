@@ -114,6 +114,7 @@ fn sparsity_loss_is_lambda_times_the_distance_to_the_keep_target() {
     let share = MicroBatchShare {
         index: 0,
         count: 2,
+        peers: 1,
         total_targets: on_device.num_targets,
     };
     let (logits, mean_gate) = gated_forward(&model, &on_device, 1.0, None).unwrap();

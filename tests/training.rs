@@ -6,78 +6,8 @@ mod common;
 use checkpoints::WeightSource;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-fn test_config() -> PathBuf {
-    repo_root().join("tests/fixtures/configs/sft-tiny-test.toml")
-}
-
-/// `trainer recipe sft` on the tiny test config, writing into `run_dir`.
-fn sft_command(config: &Path, run_dir: &Path, extra: &[&str]) -> Command {
-    let root = repo_root();
-    let mut command = Command::new(trainer_bin());
-    command
-        .current_dir(&root)
-        .args(["recipe", "sft", "--config", config.to_str().unwrap()]);
-    command.args(["--set", &format!("run.dir={}", run_dir.display())]);
-    command.args(extra);
-    command
-}
-
-fn run_to_end(mut command: Command) -> Output {
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "trainer failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn checkpoint(run_dir: &Path, step: u64) -> PathBuf {
-    run_dir.join(format!("checkpoints/step-{step:08}"))
-}
-
-fn wait_for_checkpoint(child: &mut Child, run_dir: &Path, step: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !checkpoint(run_dir, step).join("manifest.json").exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before checkpoint {step}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint {step} after two minutes"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Every tensor of a checkpoint's model, in name order.
-fn model_tensors(checkpoint_dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let source = WeightSource::open(&[checkpoint_dir.join("model.safetensors")]).unwrap();
-    source
-        .names()
-        .map(|n| (n.to_string(), source.get(n).unwrap().data))
-        .collect()
-}
-
-/// (step, loss) of every line of metrics.jsonl.
-fn loss_curve(run_dir: &Path) -> Vec<(u64, f64)> {
-    trainer::metrics::read_metrics(&run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .map(|line| {
-            (
-                line["step"].as_u64().unwrap(),
-                line["loss"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 #[test]
 fn resume_after_sigkill_is_bitwise_exact() {

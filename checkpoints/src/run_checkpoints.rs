@@ -50,7 +50,7 @@ fn step_folder_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -95,6 +95,9 @@ struct RecipeCommand {
     /// One stage of a multi-stage recipe (skipgpt: `router` or `lora`).
     #[arg(long)]
     stage: Option<String>,
+    /// Data-parallel on this node's devices, one peer each: `cpu,cpu` or `cuda:0,cuda:1`.
+    #[arg(long, value_name = "DEVICES")]
+    devices: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -164,6 +167,11 @@ fn run(cli: Cli) -> Result<()> {
                 overrides: args.overrides,
                 resume: Resume::parse(args.resume.as_deref()),
                 stage: args.stage,
+                devices: args
+                    .devices
+                    .as_deref()
+                    .map(trainer::distributed::parse_devices)
+                    .unwrap_or_default(),
             })
         }
         Command::Data(args) => {

@@ -8,10 +8,11 @@ pub mod sft;
 pub mod skipgpt;
 pub mod verify;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use trainer::backend::DeviceSpec;
 use trainer::config::load_config;
+use trainer::distributed::{self, Peer};
 use trainer::train::Resume;
 use trainer::with_backend;
 
@@ -22,6 +23,14 @@ pub struct RecipeArgs {
     pub resume: Resume,
     /// `--stage`: run one stage of a multi-stage recipe.
     pub stage: Option<String>,
+    /// `--devices`: one data-parallel peer per device (empty: the config's one device).
+    pub devices: Vec<String>,
+}
+
+impl RecipeArgs {
+    fn is_data_parallel(&self) -> bool {
+        self.devices.len() > 1
+    }
 }
 
 /// One line of `trainer recipes`, and how to run it.
@@ -63,25 +72,85 @@ pub fn find(name: &str) -> Result<&'static RecipeInfo> {
 
 fn no_stages(args: &RecipeArgs, recipe: &str) -> Result<()> {
     match &args.stage {
-        Some(stage) => anyhow::bail!("recipe {recipe} has no stages (got --stage {stage})"),
+        Some(stage) => bail!("recipe {recipe} has no stages (got --stage {stage})"),
         None => Ok(()),
     }
+}
+
+fn single_device(args: &RecipeArgs, recipe: &str) -> Result<()> {
+    if args.is_data_parallel() {
+        bail!("data-parallel runs (--devices) support the sft recipe so far, not {recipe}");
+    }
+    Ok(())
 }
 
 fn run_sft(args: &RecipeArgs) -> Result<()> {
     no_stages(args, "sft")?;
     let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
-    let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
-    with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
-        config,
-        &resolved,
-        &args.resume,
-        device
-    ))
+    run_on_each_device(args, &config.run.device, |device_name| {
+        let mut config = config.clone();
+        config.run.device = device_name.to_string();
+        let device = DeviceSpec::parse(device_name)?.ensure_available()?;
+        with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
+            config,
+            &resolved,
+            &args.resume,
+            device
+        ))
+    })
+}
+
+/// Runs `work` once on the config's device, or, data-parallel, once per device of
+/// `--devices` on threads that are the peers of one run.
+fn run_on_each_device(
+    args: &RecipeArgs,
+    config_device: &str,
+    work: impl Fn(&str) -> Result<()> + Sync,
+) -> Result<()> {
+    let devices = if args.devices.is_empty() {
+        vec![config_device.to_string()]
+    } else {
+        args.devices.clone()
+    };
+    if !args.is_data_parallel() {
+        return work(&devices[0]);
+    }
+    std::thread::scope(|scope| {
+        let peers: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(local_rank, device)| {
+                let peer = Peer {
+                    rank: local_rank,
+                    world: devices.len(),
+                };
+                let work = &work;
+                std::thread::Builder::new()
+                    .name(format!("peer-{local_rank}"))
+                    // Backward passes recurse through the graph: give peers the main thread's room.
+                    .stack_size(64 << 20)
+                    .spawn_scoped(scope, move || {
+                        let outcome = distributed::run_as(peer, || work(device));
+                        if let Err(error) = &outcome {
+                            // The other peers would wait for this one forever: end the run.
+                            eprintln!("error: data-parallel peer {local_rank}: {error:#}");
+                            std::process::exit(1);
+                        }
+                        outcome
+                    })
+            })
+            .collect::<std::io::Result<_>>()?;
+        for (rank, peer) in peers.into_iter().enumerate() {
+            peer.join()
+                .map_err(|_| anyhow::anyhow!("data-parallel peer {rank} panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
     no_stages(args, "onpolicy-sft")?;
+    single_device(args, "onpolicy-sft")?;
     let (config, resolved): (onpolicy_sft::OnPolicyConfig, _) =
         load_config(&args.config, &args.overrides)?;
     let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
@@ -96,6 +165,7 @@ fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
 }
 
 fn run_skipgpt(args: &RecipeArgs) -> Result<()> {
+    single_device(args, "skipgpt")?;
     let (mut config, resolved): (skipgpt::SkipGptConfig, _) =
         load_config(&args.config, &args.overrides)?;
     if let Some(stage) = &args.stage {

@@ -117,18 +117,8 @@ pub fn train_on_rows<B: AutodiffBackend>(
     sampler: &mut EpochSampler,
     pad_id: u32,
 ) -> Result<Next> {
-    let (batch_size, grad_accum) = (trainer.config.batch_size, trainer.config.grad_accum);
     while !trainer.is_done() {
-        let micro_batches: Vec<TokenBatch> = (0..grad_accum)
-            .map(|_| {
-                let picked: Vec<&TokenRow> = sampler
-                    .next_indices(batch_size)
-                    .into_iter()
-                    .map(|i| &rows[i])
-                    .collect();
-                TokenBatch::from_rows(&picked, pad_id)
-            })
-            .collect();
+        let micro_batches = trainer.next_micro_batches(sampler, rows, pad_id)?;
         let stats = trainer.train_step(&micro_batches)?;
         let mut scalars = vec![
             ("loss", stats.loss),

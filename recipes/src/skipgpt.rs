@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use datasets::{EpochSampler, TextTokenizer, TokenBatch, TokenRow};
+use datasets::{TextTokenizer, TokenBatch, TokenRow};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -286,7 +286,7 @@ pub fn router_loss<B: Backend>(
     let budget = mean_gate
         .sub_scalar(keep_target)
         .abs()
-        .mul_scalar(lambda / share.count as f64);
+        .mul_scalar(lambda / (share.count * share.peers) as f64);
     (lm.clone() + budget, lm)
 }
 
@@ -367,7 +367,7 @@ fn router_stage<B: AutodiffBackend>(
     );
     let router = &config.router;
     while !trainer.is_done() {
-        let micro_batches = next_micro_batches(&mut sampler, rows, &trainer.config, pad_id);
+        let micro_batches = trainer.next_micro_batches(&mut sampler, rows, pad_id)?;
         let schedule = router.schedule_at(trainer.step);
         let step = trainer.step;
         let (lm_loss, train_keep) = (Cell::new(0.0), Cell::new(0.0));
@@ -415,24 +415,6 @@ fn router_stage<B: AutodiffBackend>(
     trainer.finish();
     trainer.export_latest(&exported)?;
     Ok(Some(exported))
-}
-
-fn next_micro_batches(
-    sampler: &mut EpochSampler,
-    rows: &[TokenRow],
-    train: &TrainConfig,
-    pad_id: u32,
-) -> Vec<TokenBatch> {
-    (0..train.grad_accum)
-        .map(|_| {
-            let picked: Vec<&TokenRow> = sampler
-                .next_indices(train.batch_size)
-                .into_iter()
-                .map(|i| &rows[i])
-                .collect();
-            TokenBatch::from_rows(&picked, pad_id)
-        })
-        .collect()
 }
 
 /// Every stage resumes from its newest checkpoint and a finished stage is reused, so

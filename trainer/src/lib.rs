@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod distributed;
 pub mod export;
 pub mod generate;
 pub mod lora;

@@ -34,6 +34,16 @@ impl Progress {
         }
     }
 
+    /// Shows nothing (the non-leading peers of a data-parallel run).
+    pub fn silent(label: &str, total: u64) -> Self {
+        Self {
+            bar: None,
+            label: label.to_string(),
+            total,
+            log_every: 0,
+        }
+    }
+
     /// Shows the numbers of `step`: always on the bar, every `log_every` steps as a line.
     pub fn update(&self, step: u64, scalars: &[(&str, f64)]) {
         let text = format_scalars(scalars);

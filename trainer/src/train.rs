@@ -5,6 +5,7 @@
 //! A recipe owns its data and calls [`Trainer::train_step`] with the micro-batches of one
 //! update, then [`Trainer::end_of_step`] with its own resumable state (a data cursor).
 
+use crate::distributed::{self, current_peer, Peer};
 use crate::lora::{self, LoraConfig};
 use crate::loss::token_nll_sum;
 use crate::metrics::MetricsLog;
@@ -262,12 +263,33 @@ pub fn evaluate_loss<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) ->
     total / count.max(1) as f64
 }
 
+fn input_tokens(micro_batches: &[TokenBatch]) -> usize {
+    micro_batches
+        .iter()
+        .flat_map(|b| &b.inputs)
+        .map(Vec::len)
+        .sum()
+}
+
+/// SHA-256 over every parameter's f32 bytes, in name order.
+pub fn weights_fingerprint<B: Backend, M: Module<B>>(model: &M) -> String {
+    let mut bytes = Vec::new();
+    for (name, tensor) in named_tensors(model) {
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend(tensor.data.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    checkpoints::run_checkpoints::sha256_hex(&bytes)
+}
+
 /// Where a micro-batch sits in its step, so an objective can scale its loss: the losses of
 /// a step's micro-batches must add up to the step's loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MicroBatchShare {
     pub index: usize,
+    /// Micro-batches per step on each peer.
     pub count: usize,
+    /// Data-parallel peers, each with `count` micro-batches.
+    pub peers: usize,
     /// Target tokens over all micro-batches of the step.
     pub total_targets: usize,
 }
@@ -331,6 +353,13 @@ pub struct Trainer<B: AutodiffBackend> {
     pub progress: Progress,
     wandb: Option<WandbRun>,
     stop: Arc<AtomicBool>,
+    /// This trainer's place in a data-parallel run (one peer by default).
+    pub peer: Peer,
+    /// Whether any peer asked to stop, as agreed in the last step's all-reduce (peers must
+    /// stop at the same step, or the others would wait forever).
+    stop_vote: std::cell::Cell<bool>,
+    /// Input tokens of the last step over all peers.
+    step_tokens: std::cell::Cell<usize>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -380,7 +409,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "run".into());
-        let wandb = match &config.wandb {
+        let peer = current_peer();
+        if peer.is_distributed() {
+            distributed::register::<B::InnerBackend>(&peer, &model.device())?;
+        }
+        // Non-leading peers keep their own metrics under RUN/peers/N and stay quiet.
+        let metrics_dir = if peer.is_leader() {
+            run_dir.to_path_buf()
+        } else {
+            run_dir.join("peers").join(peer.rank().to_string())
+        };
+        std::fs::create_dir_all(&metrics_dir)
+            .with_context(|| format!("cannot create {}", metrics_dir.display()))?;
+        let wandb = match config.wandb.as_ref().filter(|_| peer.is_leader()) {
             Some(wandb) => Some(WandbRun::start(
                 wandb,
                 &run_name,
@@ -399,20 +440,27 @@ impl<B: AutodiffBackend> Trainer<B> {
             seed,
             run_dir: run_dir.to_path_buf(),
             checkpoints,
-            metrics: MetricsLog::open(run_dir, checkpoint.as_ref().map(|c| c.step))?,
+            metrics: MetricsLog::open(&metrics_dir, checkpoint.as_ref().map(|c| c.step))?,
             wandb,
             stop: stop_requested(),
+            peer,
+            stop_vote: std::cell::Cell::new(false),
+            step_tokens: std::cell::Cell::new(0),
         };
         let recipe_state = match checkpoint {
             Some(checkpoint) => Some(trainer.restore(&checkpoint)?),
             None => None,
         };
-        trainer.progress = Progress::new(
-            &run_name,
-            trainer.config.steps,
-            trainer.step,
-            trainer.config.log_every,
-        );
+        trainer.progress = if trainer.peer.is_leader() {
+            Progress::new(
+                &run_name,
+                trainer.config.steps,
+                trainer.step,
+                trainer.config.log_every,
+            )
+        } else {
+            Progress::silent(&run_name, trainer.config.steps)
+        };
         Ok((trainer, recipe_state))
     }
 
@@ -441,12 +489,45 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.optimizer
             .load_state(&checkpoint.tensors("optimizer")?, optimizer_steps, &device)?;
         self.step = checkpoint.step;
+        let saved_peers = state["peers"].as_u64().unwrap_or(1) as usize;
+        if saved_peers != self.peer.world() && self.peer.is_leader() {
+            let per_peer = self.config.batch_size * self.config.grad_accum;
+            println!(
+                "note: the checkpoint was written by a run of {saved_peers} peer(s) and this run has {}: \
+                 the global batch changes from {} to {} sequences per step ({per_peer} per peer); \
+                 the step count, learning-rate schedule and data order carry on",
+                self.peer.world(),
+                per_peer * saved_peers,
+                per_peer * self.peer.world()
+            );
+        }
         println!(
             "resumed from {} (step {})",
             checkpoint.dir.display(),
             checkpoint.step
         );
         Ok(state["recipe"].clone())
+    }
+
+    /// The next step's micro-batches of `rows`: the sampler draws the global batch (the same
+    /// on every peer) and this peer keeps its contiguous shard of each micro-batch.
+    pub fn next_micro_batches(
+        &self,
+        sampler: &mut datasets::EpochSampler,
+        rows: &[datasets::TokenRow],
+        pad_id: u32,
+    ) -> Result<Vec<TokenBatch>> {
+        let world = self.peer.world();
+        (0..self.config.grad_accum)
+            .map(|_| {
+                let global = sampler.next_indices(self.config.batch_size * world);
+                let picked: Vec<&datasets::TokenRow> = distributed::shard(&self.peer, &global)?
+                    .into_iter()
+                    .map(|i| &rows[i])
+                    .collect();
+                Ok(TokenBatch::from_rows(&picked, pad_id))
+            })
+            .collect()
     }
 
     pub fn is_done(&self) -> bool {
@@ -473,14 +554,22 @@ impl<B: AutodiffBackend> Trainer<B> {
         micro_batches: &[TokenBatch],
         objective: &Objective<'_, B>,
     ) -> Result<(f64, Gradients<B::InnerBackend>)> {
-        let total_targets: usize = micro_batches.iter().map(TokenBatch::num_targets).sum();
+        let mut total_targets: usize = micro_batches.iter().map(TokenBatch::num_targets).sum();
+        let device = self.model.device();
+        if self.peer.is_distributed() {
+            // The loss is a token mean over the global batch: every peer divides by its total.
+            let count = Tensor::<B::InnerBackend, 1>::from_floats([total_targets as f32], &device);
+            let summed: f32 = distributed::all_reduce_sum(&self.peer, count)?
+                .into_scalar()
+                .elem();
+            total_targets = summed.round() as usize;
+        }
         if total_targets == 0 {
             bail!(
                 "step {}: the batch has no target tokens to train on",
                 self.step + 1
             );
         }
-        let device = self.model.device();
         // Dropout draws from the backend generator: seeding it per step keeps resume exact.
         B::seed(
             &device,
@@ -493,11 +582,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             let share = MicroBatchShare {
                 index,
                 count: micro_batches.len(),
+                peers: self.peer.world(),
                 total_targets,
             };
             let micro_loss = objective(&self.model, batch, share);
             let value: f32 = micro_loss.clone().into_scalar().elem();
-            if !value.is_finite() {
+            // With peers, a bad loss is reported after the all-reduce, by every peer at once
+            // (bailing out alone would leave the others waiting).
+            if !value.is_finite() && !self.peer.is_distributed() {
                 bail!(
                     "loss is {value} at step {} (micro-batch {index}); nothing was saved from this step, \
                      the last checkpoint is intact. Lower the learning rate or check the data.",
@@ -511,7 +603,37 @@ impl<B: AutodiffBackend> Trainer<B> {
                 None => gradients = Some(step_gradients),
             }
         }
-        Ok((loss, gradients.expect("at least one micro-batch")))
+        let mut gradients = gradients.expect("at least one micro-batch");
+        if self.peer.is_distributed() {
+            let names: Vec<String> = gradients.tensors.keys().cloned().collect();
+            let mut tensors: Vec<Tensor<B::InnerBackend, 1>> =
+                std::mem::take(&mut gradients.tensors)
+                    .into_values()
+                    .collect();
+            let stop = self.stop.load(Ordering::SeqCst) as i32 as f32;
+            let tokens = input_tokens(micro_batches) as f32;
+            tensors.push(Tensor::from_floats([loss as f32, stop, tokens], &device));
+            let mut summed = distributed::all_reduce_sum_many(&self.peer, tensors)?;
+            let [total, stops, tokens]: [f32; 3] = summed
+                .pop()
+                .expect("loss, stop vote and tokens")
+                .into_data()
+                .to_vec::<f32>()?
+                .try_into()
+                .expect("three values");
+            self.stop_vote.set(stops > 0.0);
+            self.step_tokens.set(tokens.round() as usize);
+            loss = total as f64;
+            gradients.tensors = names.into_iter().zip(summed).collect();
+            if !loss.is_finite() {
+                bail!(
+                    "loss is {loss} at step {} on some peer; nothing was saved from this step, \
+                     the last checkpoint is intact. Lower the learning rate or check the data.",
+                    self.step + 1
+                );
+            }
+        }
+        Ok((loss, gradients))
     }
 
     /// One optimizer update over `micro_batches` (see [`loss_and_gradients`](Self::loss_and_gradients)),
@@ -527,12 +649,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         objective: &Objective<'_, B>,
     ) -> Result<StepStats> {
         let start = Instant::now();
-        let tokens = micro_batches
-            .iter()
-            .flat_map(|b| &b.inputs)
-            .map(Vec::len)
-            .sum();
         let (loss, mut gradients) = self.loss_and_gradients_of(micro_batches, objective)?;
+        let tokens = if self.peer.is_distributed() {
+            self.step_tokens.get()
+        } else {
+            input_tokens(micro_batches)
+        };
         let grad_norm = if self.config.max_grad_norm > 0.0 {
             gradients.clip_global_norm(self.config.max_grad_norm)
         } else {
@@ -576,6 +698,18 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// last logged numbers as its summary, and draws the curves into `RUN/plots/`.
     pub fn finish(&mut self) {
         self.progress.finish();
+        if self.peer.is_distributed() {
+            // Peers must end on the same weights; the fingerprint lets anyone check.
+            println!(
+                "peer {} of {}: weights sha256 {}",
+                self.peer.rank(),
+                self.peer.world(),
+                weights_fingerprint(&self.model)
+            );
+        }
+        if !self.peer.is_leader() {
+            return;
+        }
         if let Some(wandb) = self.wandb.take() {
             let summary = crate::metrics::read_metrics(&self.metrics.path)
                 .ok()
@@ -605,9 +739,14 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Saves a checkpoint when one is due (every `save_every` steps, at the end, or on a
     /// stop signal). `recipe_state` is returned by [`start`](Self::start) on resume.
     pub fn end_of_step(&mut self, recipe_state: impl FnOnce() -> Value) -> Result<Next> {
-        let stopping = self.stop.load(Ordering::SeqCst);
+        let stopping = if self.peer.is_distributed() {
+            self.stop_vote.get()
+        } else {
+            self.stop.load(Ordering::SeqCst)
+        };
         let every = self.config.save_every;
-        if stopping || self.is_done() || (every > 0 && self.step.is_multiple_of(every)) {
+        let due = stopping || self.is_done() || (every > 0 && self.step.is_multiple_of(every));
+        if due && self.peer.is_leader() {
             self.save_checkpoint(recipe_state())?;
         }
         if stopping {
@@ -629,6 +768,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             "rng": "derived from (seed, step)",
             "model_config": self.model.config.to_json(),
             "lora": self.lora,
+            "peers": self.peer.world(),
             "recipe": recipe_state,
         });
         let contents = CheckpointContents {
@@ -645,6 +785,9 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Exports the newest valid checkpoint as a Hugging Face folder at `out` (LoRA merged,
     /// the adapter alongside in the PEFT layout).
     pub fn export_latest(&self, out: &Path) -> Result<()> {
+        if !self.peer.is_leader() {
+            return Ok(());
+        }
         let last = self
             .checkpoints
             .latest_valid(|warning| eprintln!("warning: {warning}"))?
