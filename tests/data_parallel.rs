@@ -29,22 +29,20 @@ fn max_weight_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> 
 }
 
 const STEPS: &str = "train.steps=16";
+/// Two peers of batch 2 each.
+const TWO_PEERS: [&str; 6] = [
+    "--set",
+    STEPS,
+    "--set",
+    "train.batch_size=2",
+    "--devices",
+    "cpu,cpu",
+];
 
 #[test]
 fn two_peers_match_one_peer_with_the_doubled_batch() {
     let two = scratch_dir("dp-two-peers");
-    let output = run_to_end(sft_command(
-        &test_config(),
-        &two,
-        &[
-            "--set",
-            STEPS,
-            "--set",
-            "train.batch_size=2",
-            "--devices",
-            "cpu,cpu",
-        ],
-    ));
+    let output = run_to_end(sft_command(&test_config(), &two, &TWO_PEERS));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let prints = peer_fingerprints(&stdout);
     assert_eq!(prints.len(), 2, "{stdout}");
@@ -73,14 +71,7 @@ fn two_peers_match_one_peer_with_the_doubled_batch() {
 
 #[test]
 fn killed_two_peer_run_resumes_to_the_same_end() {
-    let args = [
-        "--set",
-        STEPS,
-        "--set",
-        "train.batch_size=2",
-        "--devices",
-        "cpu,cpu",
-    ];
+    let args = TWO_PEERS;
     let straight = scratch_dir("dp-straight");
     run_to_end(sft_command(&test_config(), &straight, &args));
 

@@ -86,11 +86,7 @@ fn run<B: Backend>(device: B::Device, label: &str) {
 }
 
 fn main() {
-    let device = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(|a| DeviceSpec::parse(&a).expect("device"))
-        .unwrap_or(DeviceSpec::Cpu);
+    let device = DeviceSpec::from_bench_args();
     let outcome: anyhow::Result<()> = (|| {
         with_backend!(device, |B, dev| run::<B>(dev, &format!("{device:?}")));
         Ok(())

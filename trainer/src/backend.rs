@@ -20,6 +20,16 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The device a benchmark was asked for: its first argument that is not a flag
+    /// (`cargo bench -p trainer --features cuda --bench NAME -- cuda`), else the CPU.
+    pub fn from_bench_args() -> Self {
+        std::env::args()
+            .skip(1)
+            .find(|a| !a.starts_with('-'))
+            .map(|a| Self::parse(&a).expect("a device: cpu, cuda or cuda:N"))
+            .unwrap_or(Self::Cpu)
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         let text = text.trim().to_ascii_lowercase();
         if text == "cpu" {

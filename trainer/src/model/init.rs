@@ -31,14 +31,7 @@ impl ParamInit {
         shape: [usize; D],
         device: &B::Device,
     ) -> Param<Tensor<B, D>> {
-        match self {
-            Self::Normal { rng, std } => {
-                let count = shape.iter().product();
-                let values: Vec<f32> = (0..count).map(|_| standard_normal(rng) * *std).collect();
-                Param::from_data(TensorData::new(values, shape), device)
-            }
-            Self::Lazy => zeros_lazy(shape, device),
-        }
+        self.drawn(shape, device, |rng, std| standard_normal(rng) * std)
     }
 
     /// A parameter drawn uniformly from `[-bound, bound]` (Kaiming-uniform router weights).
@@ -48,12 +41,22 @@ impl ParamInit {
         bound: f32,
         device: &B::Device,
     ) -> Param<Tensor<B, D>> {
+        self.drawn(shape, device, |rng, _| {
+            (rng.random::<f32>() * 2.0 - 1.0) * bound
+        })
+    }
+
+    /// Every value from `draw(generator, std)` on the host, or a lazy parameter.
+    fn drawn<B: Backend, const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        device: &B::Device,
+        mut draw: impl FnMut(&mut StdRng, f32) -> f32,
+    ) -> Param<Tensor<B, D>> {
         match self {
-            Self::Normal { rng, .. } => {
+            Self::Normal { rng, std } => {
                 let count = shape.iter().product();
-                let values: Vec<f32> = (0..count)
-                    .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
-                    .collect();
+                let values: Vec<f32> = (0..count).map(|_| draw(rng, *std)).collect();
                 Param::from_data(TensorData::new(values, shape), device)
             }
             Self::Lazy => zeros_lazy(shape, device),
