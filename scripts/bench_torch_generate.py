@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""PyTorch reference for the generation half of `cargo bench -p trainer --bench
+model_throughput`: the same config (vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads,
+MLP 1024), 4 prompts of 128 tokens, 64 new tokens each, sampling at temperature 1 with the KV
+cache (`transformers.generate`).
+
+    python3 scripts/bench_torch_generate.py cpu
+    python3 scripts/bench_torch_generate.py cuda --dtype bf16
+"""
+import argparse
+import time
+
+import torch
+import transformers
+
+BATCH, PROMPT, NEW_TOKENS = 4, 128, 64
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("device")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    config = transformers.LlamaConfig(
+        vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=2048, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
+    prompts = torch.tensor([[(i * 31 + b * 7) % 8192 for i in range(PROMPT)] for b in range(BATCH)],
+                           device=device)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                 temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, pad_token_id=0)
+        return out.shape[1] - PROMPT
+
+    run()  # warm-up
+    start = time.perf_counter()
+    new = run()
+    seconds = time.perf_counter() - start
+    print(f"impl=torch-generate-{args.dtype} device={args.device} batch={BATCH} prompt={PROMPT} "
+          f"new_tokens={new} tokens_per_s={BATCH * new / seconds:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
