@@ -42,7 +42,10 @@ struct Options {
 }
 
 fn options() -> Options {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let value = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -105,12 +108,16 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
     let batch = TokenBatch::from_rows(&rows.iter().collect::<Vec<_>>(), 0);
     // Warm-up: kernel compilation and autotuning happen here.
     for _ in 0..2 {
-        trainer.train_step(std::slice::from_ref(&batch)).expect("step");
+        trainer
+            .train_step(std::slice::from_ref(&batch))
+            .expect("step");
     }
     let start = Instant::now();
     for _ in 0..options.steps {
         // Each step reads its loss back, so the device has finished it.
-        trainer.train_step(std::slice::from_ref(&batch)).expect("step");
+        trainer
+            .train_step(std::slice::from_ref(&batch))
+            .expect("step");
     }
     let seconds = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -125,9 +132,9 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
         * (config.num_attention_heads * config.head_dim) as f64;
     let flops_per_token = 6.0 * n + attention;
     let achieved_tflops = tokens_per_s * flops_per_token / 1e12;
-    let mfu = options
-        .peak_tflops
-        .map_or("n/a".to_string(), |peak| format!("{:.1}%", 100.0 * achieved_tflops / peak));
+    let mfu = options.peak_tflops.map_or("n/a".to_string(), |peak| {
+        format!("{:.1}%", 100.0 * achieved_tflops / peak)
+    });
     println!(
         "impl=burn device={:?} size={} params={:.1}M batch={} seq={} steps={} tokens_per_s={:.0} \
          step_ms={:.1} model_tflops={:.2} mfu={} peak_host_rss_mib={:.0}",
