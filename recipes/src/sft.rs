@@ -92,14 +92,17 @@ pub fn run<B: AutodiffBackend>(
         resume,
     )?;
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
-    println!(
-        "sft: {} training rows, {} held out, {} steps of {} x {} sequences",
-        rows.len(),
-        eval_rows.len(),
-        config.train.steps,
-        config.train.grad_accum,
-        config.train.batch_size
-    );
+    if trainer.peer.is_leader() {
+        println!(
+            "sft: {} training rows, {} held out, {} steps of {} x {} sequences x {} peer(s)",
+            rows.len(),
+            eval_rows.len(),
+            config.train.steps,
+            config.train.grad_accum,
+            config.train.batch_size,
+            trainer.peer.world()
+        );
+    }
 
     if train_on_rows(&mut trainer, &rows, &eval_batches, &mut sampler, pad_id)? == Next::Stop {
         return Ok(());
