@@ -751,6 +751,10 @@ impl<B: Backend> CausalLm<B> {
         allowed: Tensor<B, 4, Bool>,
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 3> {
+        if self.config.skip_routers {
+            // A routed model really skips while generating, too.
+            return self.forward_skipping_cached(tokens, positions, allowed, cache);
+        }
         let context = self.attention_context(positions, allowed);
         let mut hidden = self.embed(tokens);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {

@@ -12,7 +12,7 @@
 
 use super::init::ParamInit;
 use super::layers::Linear;
-use super::llama::{CausalLm, LayerGates};
+use super::llama::{CausalLm, KvCache, LayerGates};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::IndexingUpdateOp;
@@ -145,18 +145,39 @@ impl<B: Backend> CausalLm<B> {
         positions: Tensor<B, 2, Int>,
         allowed: Tensor<B, 4, Bool>,
     ) -> (Tensor<B, 3>, Vec<LayerDecisions>) {
-        self.forward_with_decisions(tokens, positions, allowed, |layer, hidden| {
-            match &self.model.layers[layer].router {
-                Some(router) => router_decisions(router, hidden),
-                None => {
-                    let [b, s, _] = hidden.dims();
-                    LayerDecisions {
-                        attn: vec![true; b * s],
-                        mlp: vec![true; b * s],
-                    }
+        self.skipping_forward(tokens, positions, allowed, None, |layer, hidden| {
+            self.own_decisions(layer, hidden)
+        })
+    }
+
+    /// The routers' decisions for a layer input (everything runs in a layer without routers).
+    fn own_decisions(&self, layer: usize, hidden: &Tensor<B, 3>) -> LayerDecisions {
+        match &self.model.layers[layer].router {
+            Some(router) => router_decisions(router, hidden),
+            None => {
+                let [b, s, _] = hidden.dims();
+                LayerDecisions {
+                    attn: vec![true; b * s],
+                    mlp: vec![true; b * s],
                 }
             }
+        }
+    }
+
+    /// As [`forward_skipping`](Self::forward_skipping), attending also over `cache` and
+    /// appending the new keys and values to it (generation with a routed model).
+    /// `allowed` covers all keys: `[batch, 1, new, cached + new]`.
+    pub fn forward_skipping_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        allowed: Tensor<B, 4, Bool>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        self.skipping_forward(tokens, positions, allowed, Some(cache), |layer, hidden| {
+            self.own_decisions(layer, hidden)
         })
+        .0
     }
 
     /// The skipping forward with decisions from `decide(layer, layer_input)` (benchmarks
@@ -166,6 +187,17 @@ impl<B: Backend> CausalLm<B> {
         tokens: Tensor<B, 2, Int>,
         positions: Tensor<B, 2, Int>,
         allowed: Tensor<B, 4, Bool>,
+        decide: impl FnMut(usize, &Tensor<B, 3>) -> LayerDecisions,
+    ) -> (Tensor<B, 3>, Vec<LayerDecisions>) {
+        self.skipping_forward(tokens, positions, allowed, None, decide)
+    }
+
+    fn skipping_forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        allowed: Tensor<B, 4, Bool>,
+        mut cache: Option<&mut KvCache<B>>,
         mut decide: impl FnMut(usize, &Tensor<B, 3>) -> LayerDecisions,
     ) -> (Tensor<B, 3>, Vec<LayerDecisions>) {
         let device = self.device();
@@ -189,6 +221,21 @@ impl<B: Backend> CausalLm<B> {
                 attn.num_kv_heads,
             ));
             let values = split(attn.v_proj.forward(normed.clone()), attn.num_kv_heads);
+            let (keys, values) = match cache.as_mut() {
+                Some(cache) => {
+                    let slot = &mut cache.layers[index];
+                    let (keys, values) = match slot.take() {
+                        Some((past_k, past_v)) => (
+                            Tensor::cat(vec![past_k, keys], 2),
+                            Tensor::cat(vec![past_v, values], 2),
+                        ),
+                        None => (keys, values),
+                    };
+                    *slot = Some((keys.clone(), values.clone()));
+                    (keys, values)
+                }
+                None => (keys, values),
+            };
             let mut flat = hidden.reshape([batch * seq, dim]);
             for row in 0..batch {
                 let picked = indices(&decisions.attn[row * seq..(row + 1) * seq], 0);
