@@ -82,7 +82,10 @@ pub fn run<B: AutodiffBackend>(
     }
     let eval_batches = batches_in_order(&eval_rows, config.train.batch_size, pad_id);
 
-    prepare_run_dir(&config.run.dir, resolved, &loaded.tokenizer_dir)?;
+    // Data-parallel peers other than the leader write nothing to the run folder.
+    if trainer::distributed::current_peer().is_leader() {
+        prepare_run_dir(&config.run.dir, resolved, &loaded.tokenizer_dir)?;
+    }
     let (mut trainer, saved) = Trainer::start(
         loaded.model,
         config.train.clone(),
