@@ -100,8 +100,13 @@ impl ModelSection {
     }
 }
 
-/// Creates the run folder, writes the resolved config and a copy of the tokenizer files.
+/// Creates the run folder, writes the resolved config and a copy of the tokenizer files
+/// (the leading peer only).
 pub fn prepare_run_dir(run_dir: &Path, resolved: &toml::Table, tokenizer_dir: &Path) -> Result<()> {
+    // In a data-parallel run the leading peer writes the run folder; the others only read.
+    if !trainer::distributed::current_peer().is_leader() {
+        return Ok(());
+    }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
     checkpoints::atomic::write_file(

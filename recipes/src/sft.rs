@@ -82,10 +82,7 @@ pub fn run<B: AutodiffBackend>(
     }
     let eval_batches = batches_in_order(&eval_rows, config.train.batch_size, pad_id);
 
-    // Data-parallel peers other than the leader write nothing to the run folder.
-    if trainer::distributed::current_peer().is_leader() {
-        prepare_run_dir(&config.run.dir, resolved, &loaded.tokenizer_dir)?;
-    }
+    prepare_run_dir(&config.run.dir, resolved, &loaded.tokenizer_dir)?;
     let (mut trainer, saved) = Trainer::start(
         loaded.model,
         config.train.clone(),
@@ -167,6 +164,18 @@ pub struct SftStage<'a> {
     pub eval_batches: &'a [TokenBatch],
 }
 
+/// The export `dir/final` of a stage that already finished, said aloud, or `None`.
+pub fn finished_stage(name: &str, dir: &Path) -> Option<PathBuf> {
+    let exported = dir.join("final");
+    exported.join("config.json").exists().then(|| {
+        println!(
+            "{name}: reusing {} (delete it to train this stage again)",
+            exported.display()
+        );
+        exported
+    })
+}
+
 /// Runs an SFT stage in its own folder, resumable like any run, and exports it to
 /// `dir/final`; skipped when that export exists. `None` when a signal stopped it.
 pub fn train_stage<B: AutodiffBackend>(
@@ -174,15 +183,10 @@ pub fn train_stage<B: AutodiffBackend>(
     stage: &SftStage<'_>,
     context: &StageContext<'_>,
 ) -> Result<Option<PathBuf>> {
-    let exported = stage.dir.join("final");
-    if exported.join("config.json").exists() {
-        println!(
-            "{}: reusing {} (delete it to train this stage again)",
-            stage.name,
-            exported.display()
-        );
+    if let Some(exported) = finished_stage(stage.name, &stage.dir) {
         return Ok(Some(exported));
     }
+    let exported = stage.dir.join("final");
     prepare_run_dir(&stage.dir, context.resolved, context.tokenizer_dir)?;
     println!(
         "{}: {} rows, {} steps",

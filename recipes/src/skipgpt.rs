@@ -21,7 +21,7 @@
 //! (`router.noise_fade = [start, end]`, fractions of the stage).
 
 use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
-use crate::sft::{train_stage, SftStage, StageContext};
+use crate::sft::{finished_stage, train_stage, SftStage, StageContext};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -345,14 +345,10 @@ fn router_stage<B: AutodiffBackend>(
     context: &StageContext<'_>,
 ) -> Result<Option<PathBuf>> {
     let dir = config.run.dir.join("router");
-    let exported = dir.join("final");
-    if exported.join("config.json").exists() {
-        println!(
-            "router stage: reusing {} (delete it to train the routers again)",
-            exported.display()
-        );
+    if let Some(exported) = finished_stage("router stage", &dir) {
         return Ok(Some(exported));
     }
+    let exported = dir.join("final");
     let (seed, pad_id) = (context.seed, context.pad_id);
     let mut train = config.router.train.clone();
     train.train_only = vec!["*.router.*".into()];

@@ -182,7 +182,7 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: StoreDtype) -> Resul
                 info.ggml_type.name()
             );
         };
-        let mut tensor = gguf.read_f32(&info.name)?;
+        let mut tensor = gguf.dequantized(info)?;
         // Only llama's converter permutes q/k; qwen2 keeps Hugging Face's order.
         if architecture == "llama" {
             let permuted_heads = match info.name.rsplit('.').nth(1) {

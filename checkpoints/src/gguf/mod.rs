@@ -258,15 +258,27 @@ impl GgufFile {
         let tensor = self
             .tensor(name)
             .with_context(|| format!("{}: no tensor `{name}`", self.path.display()))?;
+        self.dequantized(tensor)
+    }
+
+    /// As [`read_f32`](Self::read_f32), for a tensor info of this file.
+    pub fn dequantized(&self, tensor: &TensorInfo) -> Result<HostTensor> {
         let bytes = self.raw_bytes(tensor)?;
         let values = dequant::dequantize(tensor.ggml_type, &bytes).with_context(|| {
             format!(
-                "{}: tensor `{name}` ({})",
+                "{}: tensor `{}` ({})",
                 self.path.display(),
+                tensor.name,
                 tensor.ggml_type.name()
             )
         })?;
         Ok(HostTensor::new(tensor.shape(), values))
+    }
+
+    /// `{architecture}.context_length`, when the file says.
+    pub fn context_length(&self) -> Option<u64> {
+        let arch = self.get("general.architecture")?.as_str()?;
+        self.get(&format!("{arch}.context_length"))?.as_u64()
     }
 }
 

@@ -200,7 +200,7 @@ pub fn rebuild_tokenizer(gguf: &GgufFile) -> Result<RebuiltTokenizer> {
         ("eos_token", json!(eos)),
         ("unk_token", json!(unk)),
         ("pad_token", json!(pad)),
-        ("model_max_length", json!(gguf.get_context_length())),
+        ("model_max_length", json!(gguf.context_length())),
     ]);
     if let Some(template) = gguf
         .get("tokenizer.chat_template")
@@ -216,13 +216,6 @@ pub fn rebuild_tokenizer(gguf: &GgufFile) -> Result<RebuiltTokenizer> {
             .get("tokenizer.ggml.eos_token_id")
             .and_then(MetaValue::as_u64),
     })
-}
-
-impl GgufFile {
-    fn get_context_length(&self) -> Option<u64> {
-        let arch = self.get("general.architecture")?.as_str()?;
-        self.get(&format!("{arch}.context_length"))?.as_u64()
-    }
 }
 
 #[cfg(test)]

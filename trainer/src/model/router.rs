@@ -273,7 +273,7 @@ impl<B: Backend> CausalLm<B> {
                     .swap_dims(1, 2)
                     .reshape([picked.len(), attn.num_heads * head_dim]);
                 let update = attn.o_proj.forward(out);
-                let rows = indices(&decisions.attn[row * seq..(row + 1) * seq], row * seq);
+                let rows: Vec<i64> = picked.iter().map(|&t| t + (row * seq) as i64).collect();
                 flat = flat.select_assign(
                     0,
                     index_tensor::<B>(&rows, &device),
