@@ -1,11 +1,14 @@
-//! Data-parallel training on CPU threads through the binary (`--devices cpu,cpu`): peers end
-//! on identical weights equal to one peer with the doubled batch; a killed run resumes to the
-//! same end; resuming on another peer count says what changes.
+//! Data-parallel training on CPU through the binary, as threads of one process
+//! (`--devices cpu,cpu`) and as two processes joined through `trainer orchestrator` on
+//! loopback: peers end on identical weights equal to one peer with the doubled batch; a
+//! killed run resumes to the same end; resuming on another peer count says what changes.
 
 mod common;
 
 use common::*;
-use std::process::Stdio;
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Peers print `peer R of W: weights sha256 H` when they finish.
 fn peer_fingerprints(stdout: &str) -> Vec<(String, String)> {
@@ -130,5 +133,212 @@ fn data_parallel_is_refused_where_not_supported() {
     assert!(
         !output.status.success() && stderr.contains("sft recipe so far"),
         "{stderr}"
+    );
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `trainer orchestrator` on a free loopback port; killed when dropped.
+struct Orchestrator {
+    child: Child,
+    port: u16,
+}
+
+impl Orchestrator {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new(trainer_bin())
+            .args(["orchestrator", "--bind", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, port }
+    }
+
+    /// Node `rank` of two, one CPU peer each, writing into `run_dir` (node 1 only writes
+    /// its own metrics under `run_dir/peers/1`).
+    fn node(&self, rank: usize, run_dir: &std::path::Path, extra: &[&str]) -> Command {
+        let (orchestrator, rank_text) = (format!("127.0.0.1:{}", self.port), rank.to_string());
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "--set",
+            STEPS,
+            "--set",
+            "train.batch_size=2",
+            "--orchestrator",
+            &orchestrator,
+            "--node-rank",
+            &rank_text,
+            "--num-nodes",
+            "2",
+            "--node-address",
+            &address,
+        ];
+        args.extend(extra);
+        sft_command(&test_config(), run_dir, &args)
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs commands side by side and waits for all of them (two minutes at most).
+fn run_together(commands: Vec<Command>) -> Vec<Output> {
+    let children: Vec<Child> = commands
+        .into_iter()
+        .map(|mut c| {
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut children: Vec<Option<Child>> = children.into_iter().map(Some).collect();
+    while children
+        .iter_mut()
+        .any(|c| c.as_mut().unwrap().try_wait().unwrap().is_none())
+    {
+        if Instant::now() > deadline {
+            for child in children.iter_mut().flatten() {
+                let _ = child.kill();
+            }
+            panic!("nodes still running after two minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children
+        .iter_mut()
+        .map(|c| c.take().unwrap().wait_with_output().unwrap())
+        .collect()
+}
+
+fn assert_all_succeeded(outputs: &[Output]) {
+    for (rank, output) in outputs.iter().enumerate() {
+        assert!(
+            output.status.success(),
+            "node {rank} failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn two_nodes_through_the_orchestrator_match_one_peer_with_the_doubled_batch() {
+    let orchestrator = Orchestrator::start();
+    let two = scratch_dir("mn-two-nodes");
+    let outputs = run_together(vec![
+        orchestrator.node(0, &two, &[]),
+        orchestrator.node(1, &two, &[]),
+    ]);
+    assert_all_succeeded(&outputs);
+    let prints: Vec<_> = outputs
+        .iter()
+        .flat_map(|o| peer_fingerprints(&String::from_utf8_lossy(&o.stdout)))
+        .collect();
+    assert_eq!(prints.len(), 2, "{prints:?}");
+    assert_eq!(prints[0].0, "0 of 2");
+    assert_eq!(prints[1].0, "1 of 2");
+    assert_eq!(prints[0].1, prints[1].1, "nodes ended on different weights");
+
+    let one = scratch_dir("mn-one-peer");
+    run_to_end(sft_command(
+        &test_config(),
+        &one,
+        &["--set", STEPS, "--set", "train.batch_size=4"],
+    ));
+    let difference = max_weight_difference(
+        &model_tensors(&checkpoint(&two, 16)),
+        &model_tensors(&checkpoint(&one, 16)),
+    );
+    assert!(difference < 1e-5, "max weight difference {difference}");
+    for ((step, a), (_, b)) in loss_curve(&two).iter().zip(&loss_curve(&one)) {
+        assert!((a - b).abs() < 1e-5, "step {step}: loss {a} vs {b}");
+    }
+    // Node 1 wrote no checkpoint of its own.
+    assert!(two.join("peers/1/metrics.jsonl").exists());
+    assert!(!two.join("peers/1/checkpoints").exists());
+}
+
+#[test]
+fn killed_two_node_run_resumes_against_the_same_orchestrator() {
+    let orchestrator = Orchestrator::start();
+    let straight = scratch_dir("mn-straight");
+    assert_all_succeeded(&run_together(vec![
+        orchestrator.node(0, &straight, &[]),
+        orchestrator.node(1, &straight, &[]),
+    ]));
+
+    // Kill node 1 mid-run: node 0 loses its peer and stops with an error.
+    let killed = scratch_dir("mn-killed");
+    let mut leader = orchestrator.node(0, &killed, &[]);
+    let mut leader = leader
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut other = orchestrator.node(1, &killed, &[]);
+    let mut other = other
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&mut leader, &killed, 8);
+    other.kill().unwrap();
+    other.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 kept waiting for its lost peer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let leader = leader.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&leader.stderr);
+    assert!(
+        !leader.status.success() && stderr.contains("all-reduce on peer 0 failed"),
+        "{stderr}"
+    );
+    assert!(
+        !checkpoint(&killed, 16).exists(),
+        "finished before the kill"
+    );
+
+    // A node that lacks the checkpoint (its own empty folder) is caught before training.
+    let elsewhere = scratch_dir("mn-elsewhere");
+    let outputs = run_together(vec![
+        orchestrator.node(0, &killed, &["--resume", "auto"]),
+        orchestrator.node(1, &elsewhere, &["--resume", "auto"]),
+    ]);
+    let stderr = String::from_utf8_lossy(&outputs[0].stderr);
+    assert!(
+        !outputs[0].status.success() && stderr.contains("the peers start from different states"),
+        "{stderr}"
+    );
+
+    // Both nodes restarted against the same orchestrator reach the same end.
+    let outputs = run_together(vec![
+        orchestrator.node(0, &killed, &["--resume", "auto"]),
+        orchestrator.node(1, &killed, &["--resume", "auto"]),
+    ]);
+    assert_all_succeeded(&outputs);
+    assert!(String::from_utf8_lossy(&outputs[0].stdout).contains("resumed from"));
+    assert_eq!(
+        model_tensors(&checkpoint(&straight, 16)),
+        model_tensors(&checkpoint(&killed, 16))
     );
 }

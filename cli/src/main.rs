@@ -7,6 +7,7 @@ use datasets::{ChatMessage, TextTokenizer};
 use std::path::PathBuf;
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
+use trainer::distributed::Cluster;
 use trainer::export::export_checkpoint;
 use trainer::generate::{generate, GenerationConfig};
 use trainer::sampling::SamplingParams;
@@ -40,6 +41,13 @@ enum Command {
     Export(ExportArgs),
     /// Convert a GGUF file (llama.cpp) into a Hugging Face folder, dequantizing to `--dtype`.
     Import(ImportArgs),
+    /// Serve Burn's global orchestrator for a run over several machines; each node then runs
+    /// `trainer recipe ... --orchestrator HOST:PORT --node-rank R --num-nodes N --node-address ME:PORT`.
+    Orchestrator {
+        /// `[HOST:]PORT` to listen on (Burn listens on every interface at PORT).
+        #[arg(long)]
+        bind: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -98,6 +106,18 @@ struct RecipeCommand {
     /// Data-parallel on this node's devices, one peer each: `cpu,cpu` or `cuda:0,cuda:1`.
     #[arg(long, value_name = "DEVICES")]
     devices: Option<String>,
+    /// Several machines: `HOST:PORT` of `trainer orchestrator`.
+    #[arg(long, value_name = "HOST:PORT", requires_all = ["node_rank", "num_nodes", "node_address"])]
+    orchestrator: Option<String>,
+    /// This node's rank, 0 .. --num-nodes (node 0 writes checkpoints and logs).
+    #[arg(long, requires = "orchestrator")]
+    node_rank: Option<usize>,
+    /// Nodes in the run; every node brings the same number of --devices.
+    #[arg(long, requires = "orchestrator")]
+    num_nodes: Option<usize>,
+    /// `HOST:PORT` at which the other nodes reach this one (it listens on PORT).
+    #[arg(long, value_name = "HOST:PORT", requires = "orchestrator")]
+    node_address: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -172,8 +192,20 @@ fn run(cli: Cli) -> Result<()> {
                     .as_deref()
                     .map(trainer::distributed::parse_devices)
                     .unwrap_or_default(),
+                cluster: match (
+                    args.orchestrator,
+                    args.node_rank,
+                    args.num_nodes,
+                    args.node_address,
+                ) {
+                    (Some(orchestrator), Some(rank), Some(nodes), Some(address)) => {
+                        Some(Cluster::new(&orchestrator, rank, nodes, &address)?)
+                    }
+                    _ => None,
+                },
             })
         }
+        Command::Orchestrator { bind } => trainer::distributed::serve_orchestrator(&bind),
         Command::Data(args) => {
             if args.task != "arithmetic" {
                 bail!("unknown task `{}` (available: arithmetic)", args.task);

@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use trainer::backend::DeviceSpec;
 use trainer::config::load_config;
-use trainer::distributed::{self, Peer};
+use trainer::distributed::{self, Cluster, Peer};
 use trainer::train::Resume;
 use trainer::with_backend;
 
@@ -25,11 +25,14 @@ pub struct RecipeArgs {
     pub stage: Option<String>,
     /// `--devices`: one data-parallel peer per device (empty: the config's one device).
     pub devices: Vec<String>,
+    /// `--orchestrator --node-rank --num-nodes --node-address`: this node's place in a run
+    /// over several machines.
+    pub cluster: Option<Cluster>,
 }
 
 impl RecipeArgs {
     fn is_data_parallel(&self) -> bool {
-        self.devices.len() > 1
+        self.devices.len() > 1 || self.cluster.is_some()
     }
 }
 
@@ -79,7 +82,9 @@ fn no_stages(args: &RecipeArgs, recipe: &str) -> Result<()> {
 
 fn single_device(args: &RecipeArgs, recipe: &str) -> Result<()> {
     if args.is_data_parallel() {
-        bail!("data-parallel runs (--devices) support the sft recipe so far, not {recipe}");
+        bail!(
+            "data-parallel runs (--devices, --orchestrator) support the sft recipe so far, not {recipe}"
+        );
     }
     Ok(())
 }
@@ -101,7 +106,7 @@ fn run_sft(args: &RecipeArgs) -> Result<()> {
 }
 
 /// Runs `work` once on the config's device, or, data-parallel, once per device of
-/// `--devices` on threads that are the peers of one run.
+/// `--devices` on threads that are this node's peers of one run.
 fn run_on_each_device(
     args: &RecipeArgs,
     config_device: &str,
@@ -120,10 +125,8 @@ fn run_on_each_device(
             .iter()
             .enumerate()
             .map(|(local_rank, device)| {
-                let peer = Peer {
-                    rank: local_rank,
-                    world: devices.len(),
-                };
+                let peer = Peer::new(local_rank, devices.len(), args.cluster.as_ref());
+                let rank = peer.rank();
                 let work = &work;
                 std::thread::Builder::new()
                     .name(format!("peer-{local_rank}"))
@@ -133,7 +136,7 @@ fn run_on_each_device(
                         let outcome = distributed::run_as(peer, || work(device));
                         if let Err(error) = &outcome {
                             // The other peers would wait for this one forever: end the run.
-                            eprintln!("error: data-parallel peer {local_rank}: {error:#}");
+                            eprintln!("error: data-parallel peer {rank}: {error:#}");
                             std::process::exit(1);
                         }
                         outcome

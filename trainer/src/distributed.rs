@@ -1,16 +1,16 @@
 //! Data-parallel training with Burn's collective operations (`burn-collective`).
 //!
-//! A run has `world` peers, one thread per device (`--devices cpu,cpu` or
-//! `--devices cuda:0,cuda:1`). Every peer holds the whole model, reads its own shard of every
-//! batch, and sums its gradients with the others' (an all-reduce through Burn's local
-//! collective server); since the loss is normalised by the target tokens of the whole global
-//! batch, the sum is exactly the gradient of one large batch, and every peer takes the same
-//! optimizer step. Only the leader (rank 0) writes checkpoints, metrics and exports.
-//!
-//! Several machines (Burn's global orchestrator) are not wired in yet: with burn-collective
-//! 0.21 two nodes on loopback waited on each other forever in their first all-reduce.
+//! A run has `world` peers: one thread per device of a node (`--devices cpu,cpu` or
+//! `--devices cuda:0,cuda:1`), on one node or on several joined through Burn's global
+//! orchestrator (`trainer orchestrator --bind PORT`, then each node `--orchestrator HOST:PORT
+//! --node-rank R --num-nodes N`). Every peer holds the whole model, reads its own shard of
+//! every batch, and sums its gradients with the others' (an all-reduce: between the devices of
+//! a node through Burn's local collective server, then between nodes over WebSockets); since
+//! the loss is normalised by the target tokens of the whole global batch, the sum is exactly
+//! the gradient of one large batch, and every peer takes the same optimizer step. Only the
+//! leader (rank 0 of node 0) writes checkpoints, metrics and exports.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
@@ -19,20 +19,97 @@ use std::cell::RefCell;
 /// This thread's place in a data-parallel run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Peer {
-    /// 0 .. world.
+    /// 0 .. world: `node_rank * devices per node + local rank`.
     pub rank: usize,
-    /// Peers in the run.
+    /// Peers in the run, over all nodes.
     pub world: usize,
+    /// Peers on this node (one per device).
+    pub local_world: usize,
+    /// The nodes of a run over several machines; `None` on one machine.
+    pub cluster: Option<Cluster>,
+}
+
+/// Several machines joined through Burn's global orchestrator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// `ws://HOST:PORT` of `trainer orchestrator`.
+    pub orchestrator: String,
+    /// 0 .. num_nodes; node 0 holds the leader.
+    pub node_rank: usize,
+    pub num_nodes: usize,
+    /// `HOST:PORT` at which the other nodes reach this one; it listens on PORT.
+    pub node_address: String,
+}
+
+impl Cluster {
+    /// Checks the addresses and ranks of `--orchestrator --node-rank --num-nodes
+    /// --node-address`, so a typo fails before anything is loaded.
+    pub fn new(
+        orchestrator: &str,
+        node_rank: usize,
+        num_nodes: usize,
+        node_address: &str,
+    ) -> Result<Self> {
+        if num_nodes == 0 || node_rank >= num_nodes {
+            bail!("--node-rank {node_rank} is not one of the {num_nodes} nodes (0 .. {num_nodes})");
+        }
+        port_of(node_address).context("--node-address")?;
+        port_of(orchestrator).context("--orchestrator")?;
+        Ok(Self {
+            orchestrator: websocket_url(orchestrator),
+            node_rank,
+            num_nodes,
+            node_address: node_address.to_string(),
+        })
+    }
+
+    fn node_port(&self) -> u16 {
+        port_of(&self.node_address).expect("checked in Cluster::new")
+    }
+}
+
+/// `ws://HOST:PORT` from `HOST:PORT` (a scheme already given is kept).
+fn websocket_url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("ws://{address}")
+    }
+}
+
+/// The port of `[ws://]HOST:PORT` or of a bare `PORT`.
+pub fn port_of(address: &str) -> Result<u16> {
+    let after_scheme = address.rsplit("://").next().unwrap_or(address);
+    let port = after_scheme.rsplit(':').next().unwrap_or(after_scheme);
+    port.trim_end_matches('/')
+        .parse()
+        .map_err(|_| anyhow!("`{address}` has no port (expected HOST:PORT)"))
 }
 
 impl Default for Peer {
     /// A run on one device.
     fn default() -> Self {
-        Self { rank: 0, world: 1 }
+        Self {
+            rank: 0,
+            world: 1,
+            local_world: 1,
+            cluster: None,
+        }
     }
 }
 
 impl Peer {
+    /// The peer on the `local_rank`-th of this node's `local_world` devices.
+    pub fn new(local_rank: usize, local_world: usize, cluster: Option<&Cluster>) -> Self {
+        let (node_rank, num_nodes) = cluster.map_or((0, 1), |c| (c.node_rank, c.num_nodes));
+        Self {
+            rank: node_rank * local_world + local_rank,
+            world: num_nodes * local_world,
+            local_world,
+            cluster: cluster.cloned(),
+        }
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -73,31 +150,113 @@ pub fn run_as<T>(peer: Peer, work: impl FnOnce() -> T) -> T {
 }
 
 /// Joins the collective; every peer of the run must call it before the first all-reduce.
+/// Across nodes it also checks that every node brought as many devices as this one (the
+/// shards assume it).
 pub fn register<B: Backend>(peer: &Peer, device: &B::Device) -> Result<()> {
-    let config = CollectiveConfig::default().with_num_devices(peer.world);
+    let mut config = CollectiveConfig::default().with_num_devices(peer.local_world);
+    if let Some(cluster) = &peer.cluster {
+        // burn-communication logs every tensor transfer at INFO unless a logger is already
+        // installed: install one that shows warnings and errors only.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_writer(std::io::stderr)
+            .try_init();
+        println!(
+            "node {} of {}: joining through the orchestrator at {} (listening on {})",
+            cluster.node_rank, cluster.num_nodes, cluster.orchestrator, cluster.node_address
+        );
+        let orchestrator = cluster
+            .orchestrator
+            .parse()
+            .map_err(|e| anyhow!("--orchestrator {}: {e:?}", cluster.orchestrator))?;
+        let node_address = websocket_url(&cluster.node_address);
+        let node_address = node_address
+            .parse()
+            .map_err(|e| anyhow!("--node-address {node_address}: {e:?}"))?;
+        config = config
+            .with_num_nodes(cluster.num_nodes as u32)
+            .with_global_address(orchestrator)
+            .with_node_address(node_address)
+            .with_data_service_port(cluster.node_port());
+    }
     burn_collective::register::<B>(peer.id(), device.clone(), config).map_err(|e| {
         anyhow!(
             "peer {} of {} could not join the data-parallel group: {e:?}",
             peer.rank(),
             peer.world()
         )
-    })
+    })?;
+    if peer.cluster.is_some() {
+        let joined = all_reduce_sum(peer, Tensor::<B, 1>::ones([1], device))?.into_scalar();
+        let joined = joined.elem::<f32>().round() as usize;
+        if joined != peer.world() {
+            bail!(
+                "{joined} peers joined, but this node expected {} ({} per node): start every \
+                 node with the same number of --devices",
+                peer.world(),
+                peer.local_world
+            );
+        }
+    }
+    Ok(())
 }
 
-/// Leaves the collective at the end of a run.
+/// The value each peer passed, in rank order (one all-reduce of a one-hot vector; exact
+/// for integers below 2^24).
+pub fn gather_scalar<B: Backend>(peer: &Peer, value: f32, device: &B::Device) -> Result<Vec<f32>> {
+    let mut slots = vec![0.0; peer.world()];
+    slots[peer.rank()] = value;
+    let gathered = all_reduce_sum(peer, Tensor::<B, 1>::from_floats(slots.as_slice(), device))?;
+    Ok(gathered.into_data().convert::<f32>().to_vec()?)
+}
+
+/// Serves Burn's global orchestrator until Ctrl-C: nodes of a multi-machine run register with
+/// it and learn each other's addresses. `bind` is `[HOST:]PORT`; Burn listens on every
+/// interface at PORT.
+pub fn serve_orchestrator(bind: &str) -> Result<()> {
+    let port = port_of(bind).context("--bind")?;
+    println!("orchestrator: listening on 0.0.0.0:{port} (every interface); Ctrl-C stops it");
+    tokio::runtime::Runtime::new()
+        .context("cannot start the orchestrator's async runtime")?
+        .block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}
+
+/// Leaves the collective at the end of a run (across nodes: unregisters from the
+/// orchestrator, which can then serve the next run).
 pub fn finish<B: Backend>(peer: &Peer) {
-    let _ = burn_collective::finish_collective::<B>(peer.id());
+    if let Err(error) = burn_collective::finish_collective::<B>(peer.id()) {
+        eprintln!(
+            "warning: peer {} left the collective uncleanly: {error:?}",
+            peer.rank()
+        );
+    }
 }
 
 /// The element-wise sum of `tensor` over all peers (each peer gets the sum).
 pub fn all_reduce_sum<B: Backend>(peer: &Peer, tensor: Tensor<B, 1>) -> Result<Tensor<B, 1>> {
+    // Burn's ring all-reduce between nodes cuts the tensor into one slice per node, so a
+    // short one is padded with zeros to at least that many elements.
+    let len = tensor.dims()[0];
+    let tensor = if len < peer.world() {
+        let padding = Tensor::zeros([peer.world() - len], &tensor.device());
+        Tensor::cat(vec![tensor, padding], 0)
+    } else {
+        tensor
+    };
     let summed = burn_collective::all_reduce::<B>(
         peer.id(),
         tensor.into_primitive().tensor(),
         ReduceOperation::Sum,
     )
-    .map_err(|e| anyhow!("all-reduce on peer {} failed: {e:?}", peer.rank()))?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
+    .map_err(|e| {
+        anyhow!(
+            "all-reduce on peer {} failed ({e:?}): a peer of the run stopped or cannot be \
+             reached; restart every node with --resume auto",
+            peer.rank()
+        )
+    })?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)).slice(s![0..len]))
 }
 
 /// Sums a list of tensors over all peers in one all-reduce (concatenated, then split back).
@@ -149,12 +308,26 @@ mod tests {
 
     #[test]
     fn shards_are_contiguous_in_rank_order() {
-        let peer = Peer { rank: 2, world: 4 };
+        let peer = Peer::new(0, 2, Some(&Cluster::new("h:1", 1, 2, "h:2").unwrap()));
+        assert_eq!((peer.rank(), peer.world()), (2, 4));
         assert!(!peer.is_leader() && peer.is_distributed());
         let global: Vec<usize> = (0..8).collect();
         assert_eq!(shard(&peer, &global).unwrap(), vec![4, 5]);
         assert!(shard(&peer, &global[..6]).is_err());
         assert!(Peer::default().is_leader() && !Peer::default().is_distributed());
         assert_eq!(parse_devices("cpu, cpu"), vec!["cpu", "cpu"]);
+    }
+
+    #[test]
+    fn cluster_addresses_and_ranks_are_checked() {
+        let cluster = Cluster::new("host0:4300", 1, 2, "10.0.0.2:4301").unwrap();
+        assert_eq!(cluster.orchestrator, "ws://host0:4300");
+        assert_eq!(cluster.node_port(), 4301);
+        assert_eq!(port_of("ws://h:9/").unwrap(), 9);
+        assert_eq!(port_of("4300").unwrap(), 4300);
+        let error = |result: Result<Cluster>| format!("{:#}", result.unwrap_err());
+        assert!(error(Cluster::new("h:1", 2, 2, "h:2")).contains("--node-rank 2"));
+        assert!(error(Cluster::new("h:1", 0, 2, "h")).contains("--node-address"));
+        assert!(error(Cluster::new("h:x", 0, 2, "h:2")).contains("--orchestrator"));
     }
 }

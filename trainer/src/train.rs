@@ -451,6 +451,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             Some(checkpoint) => Some(trainer.restore(&checkpoint)?),
             None => None,
         };
+        if trainer.peer.is_distributed() {
+            trainer.check_peers_start_alike()?;
+        }
         trainer.progress = if trainer.peer.is_leader() {
             Progress::new(
                 &run_name,
@@ -507,6 +510,36 @@ impl<B: AutodiffBackend> Trainer<B> {
             checkpoint.step
         );
         Ok(state["recipe"].clone())
+    }
+
+    /// Every peer must start from the same step and weights. Across machines each node reads
+    /// its own run folder, and a node that lacks the checkpoint would otherwise train from
+    /// scratch beside the others.
+    fn check_peers_start_alike(&self) -> Result<()> {
+        let device = self.model.device();
+        let fingerprint = weights_fingerprint(&self.model);
+        // 24 bits of the hash: exact in an f32.
+        let short_print = u32::from_str_radix(&fingerprint[..6], 16)? as f32;
+        let gather =
+            |value: f32| distributed::gather_scalar::<B::InnerBackend>(&self.peer, value, &device);
+        let (steps, prints) = (gather(self.step as f32)?, gather(short_print)?);
+        let alike = |values: &[f32]| values.iter().all(|v| *v == values[0]);
+        if !alike(&steps) || !alike(&prints) {
+            let starts: Vec<String> = steps
+                .iter()
+                .zip(&prints)
+                .enumerate()
+                .map(|(rank, (step, print))| {
+                    format!("peer {rank}: step {step}, weights {:06x}", *print as u32)
+                })
+                .collect();
+            bail!(
+                "the peers start from different states ({}): every node must resume from the \
+                 same checkpoint; share the run folder, or copy RUN/checkpoints to every node",
+                starts.join("; ")
+            );
+        }
+        Ok(())
     }
 
     /// The next step's micro-batches of `rows`: the sampler draws the global batch (the same
@@ -706,6 +739,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.peer.world(),
                 weights_fingerprint(&self.model)
             );
+            distributed::finish::<B::InnerBackend>(&self.peer);
         }
         if !self.peer.is_leader() {
             return;
