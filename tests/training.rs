@@ -209,6 +209,48 @@ fn config_errors_name_the_key_and_the_file() {
     assert!(stderr.contains("train.steps"), "{stderr}");
 }
 
+#[test]
+fn bf16_precision_trains_near_f32_and_keeps_f32_weights() {
+    let steps = ["--set", "train.steps=16"];
+    let full = scratch_dir("precision-f32");
+    run_to_end(sft_command(&test_config(), &full, &steps));
+    let half = scratch_dir("precision-bf16");
+    run_to_end(sft_command(
+        &test_config(),
+        &half,
+        &[steps[0], steps[1], "--set", "run.precision=bf16"],
+    ));
+    let (curve_full, curve_half) = (loss_curve(&full), loss_curve(&half));
+    assert_eq!(curve_full.len(), curve_half.len());
+    let mut largest_gap: f64 = 0.0;
+    for ((step, a), (_, b)) in curve_full.iter().zip(&curve_half) {
+        assert!(
+            (a - b).abs() < 0.01 * a,
+            "step {step}: f32 loss {a}, bf16 loss {b}"
+        );
+        largest_gap = largest_gap.max((a - b).abs());
+    }
+    assert!(
+        largest_gap > 0.0,
+        "the bf16 run computed exactly like the f32 one"
+    );
+    // Master weights stay f32 in checkpoints.
+    let bytes = std::fs::read(checkpoint(&half, 16).join("model.safetensors")).unwrap();
+    let stored = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for (name, view) in stored.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+    }
+
+    let output = sft_command(&test_config(), &half, &["--set", "run.precision=fp8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("run.precision") && stderr.contains("bf16"),
+        "{stderr}"
+    );
+}
+
 /// `scripts/check-peft-loads-ours` trained and exported adapters with the same config, loaded
 /// them with `peft` and recorded a hash of the file it loaded; training is deterministic, so
 /// today's export must produce that same file.

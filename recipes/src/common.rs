@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use trainer::export::RUN_TOKENIZER_DIR;
 use trainer::model::init::ParamInit;
+use trainer::model::layers::Precision;
 use trainer::{CausalLm, LlamaConfig};
 
 fn default_device() -> String {
@@ -23,6 +24,17 @@ pub struct RunSection {
     /// cpu, cuda or cuda:N
     #[serde(default = "default_device")]
     pub device: String,
+    /// `f32` or `bf16`: what the linear layers multiply in (weights, optimizer state and
+    /// the loss stay f32 either way).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+impl RunSection {
+    /// A Hugging Face folder (an export of an earlier stage) as this run computes it.
+    pub fn load_model<B: Backend>(&self, dir: &Path, device: &B::Device) -> Result<CausalLm<B>> {
+        Ok(CausalLm::load(dir, device)?.with_precision(self.precision))
+    }
 }
 
 /// `[model]`: a Hugging Face folder (`path`), or a fresh model (`scratch`) with the
@@ -60,12 +72,13 @@ pub struct LoadedModel<B: Backend> {
 }
 
 impl ModelSection {
-    pub fn load<B: Backend>(&self, seed: u64, device: &B::Device) -> Result<LoadedModel<B>> {
+    /// The model of this section (seeded by `run.seed`, computing in `run.precision`).
+    pub fn load<B: Backend>(&self, run: &RunSection, device: &B::Device) -> Result<LoadedModel<B>> {
         match (&self.path, &self.scratch) {
             (Some(path), None) => {
                 let tokenizer_dir = self.tokenizer.clone().unwrap_or_else(|| path.clone());
                 Ok(LoadedModel {
-                    model: CausalLm::load(path, device)?,
+                    model: run.load_model(path, device)?,
                     tokenizer: TextTokenizer::from_folder(&tokenizer_dir)?,
                     tokenizer_dir,
                 })
@@ -86,9 +99,10 @@ impl ModelSection {
                 config.eos_token_ids = tokenizer.stop_ids();
                 let model = CausalLm::new(
                     &config,
-                    &mut ParamInit::normal(seed, shape.init_std),
+                    &mut ParamInit::normal(run.seed, shape.init_std),
                     device,
-                );
+                )
+                .with_precision(run.precision);
                 Ok(LoadedModel {
                     model,
                     tokenizer,

@@ -425,7 +425,7 @@ pub fn run<B: AutodiffBackend>(
     device: B::Device,
 ) -> Result<()> {
     let seed = config.run.seed;
-    let loaded = config.model.load::<B>(seed, &device)?;
+    let loaded = config.model.load::<B>(&config.run, &device)?;
     let (tokenizer, tokenizer_dir) = (loaded.tokenizer, loaded.tokenizer_dir);
     let model = match &config.warmup {
         Some(warmup) => match warm_up(
@@ -436,7 +436,7 @@ pub fn run<B: AutodiffBackend>(
             &config,
             resolved,
         )? {
-            Some(dir) => CausalLm::<B>::load(&dir, &device)?,
+            Some(dir) => config.run.load_model::<B>(&dir, &device)?,
             None => return Ok(()), // stopped by a signal
         },
         None => loaded.model,

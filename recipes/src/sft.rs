@@ -62,7 +62,7 @@ pub fn run<B: AutodiffBackend>(
     device: B::Device,
 ) -> Result<()> {
     let seed = config.run.seed;
-    let loaded = config.model.load::<B>(seed, &device)?;
+    let loaded = config.model.load::<B>(&config.run, &device)?;
     let pad_id = loaded.tokenizer.pad_id();
 
     let mut rows = tokenize_file(&config.data.train, &loaded.tokenizer, &config.data)?;

@@ -427,7 +427,7 @@ pub fn run<B: AutodiffBackend>(
         );
     }
     let seed = config.run.seed;
-    let loaded = config.model.load::<B>(seed, &device)?;
+    let loaded = config.model.load::<B>(&config.run, &device)?;
     let (tokenizer, tokenizer_dir) = (loaded.tokenizer, loaded.tokenizer_dir);
     let pad_id = tokenizer.pad_id();
     let (rows, eval_rows) = corpus_rows(&config.corpus, &tokenizer)?;
@@ -459,7 +459,7 @@ pub fn run<B: AutodiffBackend>(
                 eval_batches: &eval_batches,
             };
             match train_stage(loaded.model, &stage, &context)? {
-                Some(exported) => CausalLm::<B>::load(&exported, &device)?,
+                Some(exported) => config.run.load_model::<B>(&exported, &device)?,
                 None => return Ok(()), // stopped by a signal
             }
         }
@@ -480,7 +480,7 @@ pub fn run<B: AutodiffBackend>(
                 router_dir.display()
             );
         }
-        let routed = CausalLm::<B>::load(&router_dir, &device)?;
+        let routed = config.run.load_model::<B>(&router_dir, &device)?;
         let stage = SftStage {
             name: "lora stage (routers frozen)",
             dir: config.run.dir.join("lora"),
@@ -519,7 +519,7 @@ fn report<B: AutodiffBackend>(
     )];
     for (name, dir) in [("routers", router_dir), ("routers + LoRA", lora_dir)] {
         if dir.join("config.json").exists() {
-            let model = CausalLm::<Eval<B>>::load(dir, device)?;
+            let model = config.run.load_model::<Eval<B>>(dir, device)?;
             rows.push((name.to_string(), evaluate_routed(&model, eval_batches)));
         }
     }

@@ -14,6 +14,7 @@ use datasets::{TokenBatch, TokenRow};
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::model::init::ParamInit;
+use trainer::model::layers::Precision;
 use trainer::train::{Resume, TrainConfig, Trainer};
 use trainer::{with_backend, CausalLm, LlamaConfig};
 
@@ -39,6 +40,7 @@ struct Options {
     seq: usize,
     steps: usize,
     peak_tflops: Option<f64>,
+    precision: Precision,
 }
 
 fn options() -> Options {
@@ -65,6 +67,11 @@ fn options() -> Options {
         seq: value("--seq").map_or(1024, |v| v.parse().expect("--seq")),
         steps: value("--steps").map_or(10, |v| v.parse().expect("--steps")),
         peak_tflops: value("--peak-tflops").map(|v| v.parse().expect("--peak-tflops")),
+        precision: match value("--precision").as_deref() {
+            None | Some("f32") => Precision::F32,
+            Some("bf16") => Precision::Bf16,
+            Some(other) => panic!("--precision {other}: expected f32 or bf16"),
+        },
     }
 }
 
@@ -83,7 +90,8 @@ fn peak_rss_mib() -> f64 {
 
 fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
     let config = bench_config(&options.size);
-    let model = CausalLm::<B>::new(&config, &mut ParamInit::normal(0, 0.02), &device);
+    let model = CausalLm::<B>::new(&config, &mut ParamInit::normal(0, 0.02), &device)
+        .with_precision(options.precision);
     let train: TrainConfig = toml::from_str(&format!(
         "steps = {}\nbatch_size = {}\nlr = 3e-4\nweight_decay = 0.1\nmax_grad_norm = 1.0\nlog_every = 0",
         options.steps + 2,
@@ -136,8 +144,9 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
         format!("{:.1}%", 100.0 * achieved_tflops / peak)
     });
     println!(
-        "impl=burn device={:?} size={} params={:.1}M batch={} seq={} steps={} tokens_per_s={:.0} \
+        "impl=burn precision={:?} device={:?} size={} params={:.1}M batch={} seq={} steps={} tokens_per_s={:.0} \
          step_ms={:.1} model_tflops={:.2} mfu={} peak_host_rss_mib={:.0}",
+        options.precision,
         options.device,
         options.size,
         config.num_parameters() as f64 / 1e6,

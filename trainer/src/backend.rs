@@ -46,18 +46,42 @@ impl DeviceSpec {
         bail!("unknown device `{text}` (expected cpu, cuda or cuda:N)")
     }
 
-    /// Fails with a clear message when the device needs a feature this binary lacks.
+    /// Fails with a clear message when the device needs a feature this binary lacks, or a
+    /// driver this machine lacks.
     pub fn ensure_available(self) -> Result<Self> {
-        if let Self::Cuda(_) = self {
+        if let Self::Cuda(index) = self {
             if !cfg!(feature = "cuda") {
                 bail!(
                     "this trainer binary was built without CUDA support; rebuild with \
                      `cargo build --release --features cuda`"
                 );
             }
+            if !cuda_driver_present() {
+                bail!(
+                    "device cuda:{index} was asked for, but no NVIDIA driver was found on this \
+                     machine (libcuda.so.1 cannot be loaded); install the driver, or use the CPU \
+                     (`--device cpu`; in a recipe, `--set run.device=cpu`)"
+                );
+            }
         }
         Ok(self)
     }
+}
+
+/// Whether the NVIDIA driver library loads (Burn would panic deep inside without it).
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> bool {
+    ["libcuda.so.1", "libcuda.so", "nvcuda.dll"]
+        .into_iter()
+        .any(|name| {
+            // SAFETY: loading the driver library runs its initialisers, as Burn itself would.
+            unsafe { libloading::Library::new(name) }.is_ok()
+        })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_driver_present() -> bool {
+    false
 }
 
 /// Runs `$body` with `B` bound to the backend of `$spec` and `device` to its device.

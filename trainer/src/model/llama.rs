@@ -10,7 +10,7 @@
 //! a LoRA adapter.
 
 use super::init::ParamInit;
-use super::layers::{Embedding, Linear, RmsNorm, Rope, RopeTables, SwiGluMlp};
+use super::layers::{Embedding, Linear, Precision, RmsNorm, Rope, RopeTables, SwiGluMlp};
 use super::router::LayerRouter;
 use crate::weights;
 use anyhow::{bail, Context, Result};
@@ -581,6 +581,9 @@ pub struct CausalLm<B: Backend> {
     pub config: LlamaConfig,
     #[module(skip)]
     pub rope: Rope,
+    /// What the linear layers and a tied head multiply in (see [`Precision`]).
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -603,6 +606,7 @@ impl<B: Backend> CausalLm<B> {
             lm_head,
             config: config.clone(),
             rope: config.rope(),
+            precision: Precision::F32,
         }
     }
 
@@ -633,6 +637,15 @@ impl<B: Backend> CausalLm<B> {
         let tensors = weights::named_tensors(self);
         save_hf_folder(dir, &self.config.to_json(), &tensors, dtype, tokenizer_from)
             .with_context(|| format!("saving model to {}", dir.display()))
+    }
+
+    /// Runs the linear layers' matmuls (and a tied head's) in `precision`; weights stay f32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        for (_, linear) in self.linears_mut() {
+            linear.precision = precision;
+        }
+        self.precision = precision;
+        self
     }
 
     /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`), for
@@ -718,9 +731,8 @@ impl<B: Backend> CausalLm<B> {
                 let [batch, seq, dim] = hidden.dims();
                 let embedding = self.model.embed_tokens.weight.val();
                 let vocab = embedding.dims()[0];
-                hidden
-                    .reshape([batch * seq, dim])
-                    .matmul(embedding.transpose())
+                self.precision
+                    .matmul_transposed(hidden.reshape([batch * seq, dim]), embedding)
                     .reshape([batch, seq, vocab])
             }
         }

@@ -32,6 +32,7 @@ impl<B: Backend> TokenRouter<B> {
             weight: init.uniform([d_out, d_in], (6.0 / d_in as f32).sqrt(), device),
             bias: Some(init.constant([d_out], 0.0, device)),
             lora: None,
+            precision: Default::default(),
         };
         Self {
             fc1: layer(hidden, inner, init),
