@@ -85,11 +85,8 @@ fn run<B: Backend>(device: B::Device, label: &str) {
     );
 }
 
-fn main() {
+fn main() -> anyhow::Result<()> {
     let device = DeviceSpec::from_bench_args();
-    let outcome: anyhow::Result<()> = (|| {
-        with_backend!(device, |B, dev| run::<B>(dev, &format!("{device:?}")));
-        Ok(())
-    })();
-    outcome.expect("benchmark");
+    with_backend!(device, |B, dev| run::<B>(dev, &format!("{device:?}")));
+    Ok(())
 }

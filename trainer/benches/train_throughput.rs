@@ -161,14 +161,11 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
     );
 }
 
-fn main() {
+fn main() -> anyhow::Result<()> {
     let options = options();
     let device = options.device;
-    let outcome: anyhow::Result<()> = (|| {
-        with_backend!(device, |B, dev| run::<burn::backend::Autodiff<B>>(
-            dev, &options
-        ));
-        Ok(())
-    })();
-    outcome.expect("benchmark");
+    with_backend!(device, |B, dev| run::<burn::backend::Autodiff<B>>(
+        dev, &options
+    ));
+    Ok(())
 }
