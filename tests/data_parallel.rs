@@ -1,11 +1,13 @@
 //! Data-parallel training on CPU through the binary, as threads of one process
 //! (`--devices cpu,cpu`) and as two processes joined through `trainer orchestrator` on
 //! loopback: peers end on identical weights equal to one peer with the doubled batch; a
-//! killed run resumes to the same end; resuming on another peer count says what changes.
+//! killed run resumes to the same end; resuming on another peer count says what changes;
+//! on-policy SFT and SkipGPT run on peers too.
 
 mod common;
 
 use common::*;
+use datasets::{TokenBatch, TokenRow};
 use std::net::TcpListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -123,17 +125,31 @@ fn killed_two_peer_run_resumes_to_the_same_end() {
 }
 
 #[test]
-fn data_parallel_is_refused_where_not_supported() {
-    let output = std::process::Command::new(trainer_bin())
-        .current_dir(repo_root())
-        .args(["recipe", "skipgpt", "--devices", "cpu,cpu"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("sft recipe so far"),
-        "{stderr}"
-    );
+fn skipgpt_stages_on_two_peers_agree() {
+    let run = scratch_dir("dp-skipgpt");
+    let output = run_to_end({
+        let mut command = Command::new(trainer_bin());
+        command.current_dir(repo_root()).args([
+            "recipe",
+            "skipgpt",
+            "--config",
+            "tests/fixtures/configs/skipgpt-test.toml",
+            "--set",
+            &format!("run.dir={}", run.display()),
+            "--devices",
+            "cpu,cpu",
+        ]);
+        command
+    });
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Pretrain, router and LoRA stages: each ends with both peers on the same weights.
+    let prints = peer_fingerprints(&stdout);
+    assert_eq!(prints.len(), 6, "{stdout}");
+    for stage in prints.chunks(2) {
+        assert_eq!(stage[0].1, stage[1].1, "peers disagree: {stage:?}");
+    }
+    assert!(run.join("summary.json").exists() && run.join("lora/final/config.json").exists());
+    assert!(!run.join("peers/1/summary.json").exists());
 }
 
 /// A loopback port nobody listens on now.
@@ -340,5 +356,133 @@ fn killed_two_node_run_resumes_against_the_same_orchestrator() {
     assert_eq!(
         model_tensors(&checkpoint(&straight, 16)),
         model_tensors(&checkpoint(&killed, 16))
+    );
+}
+
+/// Two optimizer steps of a tiny model on `batch` (or on nothing), as the current thread's peer;
+/// the weights at the end.
+fn two_steps_on(batch: Option<&TokenBatch>, run_dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    use trainer::model::init::ParamInit;
+    use trainer::train::{Resume, TrainConfig, Trainer};
+    type B = trainer::CpuAutodiff;
+    let config = trainer::LlamaConfig::tiny(40, 16, 2, 4, 2);
+    let model =
+        trainer::CausalLm::<B>::new(&config, &mut ParamInit::normal(3, 0.2), &Default::default());
+    let train: TrainConfig =
+        toml::from_str("steps = 2\nbatch_size = 2\nlr = 1e-2\nlog_every = 0").unwrap();
+    let (mut trainer, _) = Trainer::start(model, train, None, 0, run_dir, &Resume::No).unwrap();
+    for _ in 0..2 {
+        let batches: Vec<TokenBatch> = batch.into_iter().cloned().collect();
+        trainer.train_step(&batches).unwrap();
+    }
+    trainer::weights::named_tensors(&trainer.model)
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.data))
+        .collect()
+}
+
+/// On-policy SFT keeps only correct samples, so a peer may have nothing to train on in a step:
+/// it sends zero gradients, and the step equals the other peer's batch alone on one device.
+#[test]
+fn a_peer_with_nothing_to_train_on_sends_zero_gradients() {
+    let rows: Vec<TokenRow> = (0..2)
+        .map(|r| {
+            let tokens: Vec<u32> = (0..9).map(|i| ((i * 7 + r * 11) % 40) as u32).collect();
+            TokenRow {
+                loss_mask: vec![true; tokens.len()],
+                segment: vec![1; tokens.len()],
+                tokens,
+            }
+        })
+        .collect();
+    let batch = TokenBatch::from_rows(&rows.iter().collect::<Vec<_>>(), 0);
+    let alone = two_steps_on(Some(&batch), &scratch_dir("dp-zero-alone"));
+
+    let run_dir = scratch_dir("dp-zero-peers");
+    let (with_rows, without_rows) = std::thread::scope(|scope| {
+        let peer = |rank| trainer::distributed::Peer::new(rank, 2, None);
+        let (dir_0, dir_1) = (run_dir.clone(), run_dir.clone());
+        let batch = &batch;
+        let first = scope.spawn(move || {
+            trainer::distributed::run_as(peer(0), || two_steps_on(Some(batch), &dir_0))
+        });
+        let second = scope
+            .spawn(move || trainer::distributed::run_as(peer(1), || two_steps_on(None, &dir_1)));
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    assert_eq!(with_rows, without_rows, "peers ended on different weights");
+    assert_eq!(with_rows, alone, "adding zeros should change nothing");
+}
+
+fn onpolicy_two_peers(run_dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(trainer_bin());
+    command
+        .current_dir(repo_root())
+        .args([
+            "recipe",
+            "onpolicy-sft",
+            "--config",
+            "tests/fixtures/configs/onpolicy-test.toml",
+        ])
+        .args([
+            "--set",
+            &format!("run.dir={}", run_dir.display()),
+            "--devices",
+            "cpu,cpu",
+        ])
+        .args(extra);
+    command
+}
+
+#[test]
+fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
+    let straight = scratch_dir("dp-onpolicy-straight");
+    let output = run_to_end(onpolicy_two_peers(&straight, &[]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let prints = peer_fingerprints(&stdout);
+    assert_eq!(prints.len(), 2, "{stdout}");
+    assert_eq!(prints[0].1, prints[1].1, "peers ended on different weights");
+    assert!(
+        straight.join("summary.md").exists() && straight.join("final/model.safetensors").exists()
+    );
+
+    let killed = scratch_dir("dp-onpolicy-killed");
+    let mut child = onpolicy_two_peers(&killed, &[])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&mut child, &killed, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!checkpoint(&killed, 6).exists(), "finished before the kill");
+    run_to_end(onpolicy_two_peers(&killed, &["--resume", "auto"]));
+    assert_eq!(
+        model_tensors(&checkpoint(&straight, 6)),
+        model_tensors(&checkpoint(&killed, 6))
+    );
+    let kept = |run: &std::path::Path| -> Vec<f64> {
+        trainer::metrics::read_metrics(&run.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter_map(|line| line["kept_share"].as_f64())
+            .collect()
+    };
+    assert_eq!(kept(&straight), kept(&killed));
+    assert!(
+        kept(&straight).iter().any(|&k| k > 0.0),
+        "nothing was trained on"
+    );
+
+    // Prompts that cannot be split evenly are refused with the key named.
+    let output = onpolicy_two_peers(
+        &scratch_dir("dp-onpolicy-odd"),
+        &["--set", "sampling.prompts_per_step=3"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("sampling.prompts_per_step"),
+        "{stderr}"
     );
 }

@@ -80,15 +80,6 @@ fn no_stages(args: &RecipeArgs, recipe: &str) -> Result<()> {
     }
 }
 
-fn single_device(args: &RecipeArgs, recipe: &str) -> Result<()> {
-    if args.is_data_parallel() {
-        bail!(
-            "data-parallel runs (--devices, --orchestrator) support the sft recipe so far, not {recipe}"
-        );
-    }
-    Ok(())
-}
-
 fn run_sft(args: &RecipeArgs) -> Result<()> {
     no_stages(args, "sft")?;
     let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
@@ -133,7 +124,13 @@ fn run_on_each_device(
                     // Backward passes recurse through the graph: give peers the main thread's room.
                     .stack_size(64 << 20)
                     .spawn_scoped(scope, move || {
-                        let outcome = distributed::run_as(peer, || work(device));
+                        let outcome = distributed::run_as(peer, || {
+                            let outcome = work(device);
+                            if outcome.is_ok() {
+                                distributed::leave();
+                            }
+                            outcome
+                        });
                         if let Err(error) = &outcome {
                             // The other peers would wait for this one forever: end the run.
                             eprintln!("error: data-parallel peer {rank}: {error:#}");
@@ -153,32 +150,38 @@ fn run_on_each_device(
 
 fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
     no_stages(args, "onpolicy-sft")?;
-    single_device(args, "onpolicy-sft")?;
     let (config, resolved): (onpolicy_sft::OnPolicyConfig, _) =
         load_config(&args.config, &args.overrides)?;
-    let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
-    with_backend!(device, |B, device| onpolicy_sft::run::<
-        burn::backend::Autodiff<B>,
-    >(
-        config,
-        &resolved,
-        &args.resume,
-        device
-    ))
+    run_on_each_device(args, &config.run.device, |device_name| {
+        let mut config = config.clone();
+        config.run.device = device_name.to_string();
+        let device = DeviceSpec::parse(device_name)?.ensure_available()?;
+        with_backend!(device, |B, device| onpolicy_sft::run::<
+            burn::backend::Autodiff<B>,
+        >(
+            config,
+            &resolved,
+            &args.resume,
+            device
+        ))
+    })
 }
 
 fn run_skipgpt(args: &RecipeArgs) -> Result<()> {
-    single_device(args, "skipgpt")?;
     let (mut config, resolved): (skipgpt::SkipGptConfig, _) =
         load_config(&args.config, &args.overrides)?;
     if let Some(stage) = &args.stage {
         config.stages = vec![skipgpt::Stage::parse(stage)?];
     }
-    let device = DeviceSpec::parse(&config.run.device)?.ensure_available()?;
-    with_backend!(
-        device,
-        |B, device| skipgpt::run::<burn::backend::Autodiff<B>>(config, &resolved, device)
-    )
+    run_on_each_device(args, &config.run.device, |device_name| {
+        let mut config = config.clone();
+        config.run.device = device_name.to_string();
+        let device = DeviceSpec::parse(device_name)?.ensure_available()?;
+        with_backend!(
+            device,
+            |B, device| skipgpt::run::<burn::backend::Autodiff<B>>(config, &resolved, device)
+        )
+    })
 }
 
 /// The default config path of a recipe, relative to the repository root.

@@ -113,7 +113,7 @@ pub struct TaskItem {
 }
 
 /// What evaluation measures on the held-out prompts.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     pub greedy_accuracy: f64,
     pub sampled_accuracy: f64,
@@ -479,6 +479,12 @@ pub fn run<B: AutodiffBackend>(
             ),
             serde_json::from_value::<EvalResult>(state["base"].clone())?,
         ),
+        // Data-parallel peers leave evaluation to the leader (the others wait for it at the
+        // next step's all-reduce).
+        None if !trainer.peer.is_leader() => (
+            EpochSampler::new(train_items.len(), seed),
+            EvalResult::default(),
+        ),
         None => {
             println!(
                 "evaluating the base model on {} held-out prompts",
@@ -494,10 +500,14 @@ pub fn run<B: AutodiffBackend>(
     };
     let pad_id = tokenizer.pad_id();
     let sampling = &config.sampling;
+    let peer = trainer.peer.clone();
 
     while !trainer.is_done() {
-        // 1-2. A batch of prompts, n samples each, from the current model.
+        // 1-2. A batch of prompts, n samples each, from the current model (with peers: the
+        // same global batch everywhere, each peer sampling its own share of the prompts).
         let picked = prompts.next_indices(sampling.prompts_per_step);
+        let picked = trainer::distributed::shard(&peer, &picked)
+            .context("sampling.prompts_per_step must be a multiple of the peer count")?;
         let batch: Vec<&TaskItem> = picked
             .iter()
             .flat_map(|&i| std::iter::repeat_n(&train_items[i], sampling.samples_per_prompt))
@@ -508,7 +518,9 @@ pub fn run<B: AutodiffBackend>(
                 temperature: sampling.temperature,
                 top_p: sampling.top_p,
             },
-            seed: seed.wrapping_add(trainer.step.wrapping_mul(1_000_003)),
+            seed: seed
+                .wrapping_add(trainer.step.wrapping_mul(1_000_003))
+                .wrapping_add((peer.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             stop_tokens: stop_tokens.clone(),
             pad_id,
         };
@@ -540,32 +552,35 @@ pub fn run<B: AutodiffBackend>(
             .map(|&i| response_row(&batch[i].tokens, &samples.tokens[i]))
             .collect();
 
-        // 5. One update: token-mean NLL over every kept response.
+        // 5. One update: token-mean NLL over every kept response (of all peers).
         let generated_tokens: usize = samples.tokens.iter().map(Vec::len).sum();
+        let [correct, sampled, kept, prompts_kept, prompts_sampled, generated, truncated, seconds]: [f64;
+            8] = trainer
+            .sum_over_peers(&[
+                samples.scores.iter().map(|&s| s as f64).sum(),
+                batch.len() as f64,
+                rows.len() as f64,
+                prompts_kept.len() as f64,
+                picked.len() as f64,
+                generated_tokens as f64,
+                samples.finished.iter().filter(|&&f| !f).count() as f64,
+                samples.seconds,
+            ])?
+            .try_into()
+            .expect("eight sums");
         let mut scalars = vec![
-            (
-                "sample_accuracy",
-                mean(samples.scores.iter().map(|&s| s as f64)),
-            ),
-            ("kept_share", rows.len() as f64 / batch.len() as f64),
-            (
-                "prompts_kept_share",
-                prompts_kept.len() as f64 / picked.len() as f64,
-            ),
-            (
-                "sample_mean_length",
-                generated_tokens as f64 / batch.len() as f64,
-            ),
-            (
-                "sample_truncated_share",
-                mean(samples.finished.iter().map(|&f| (!f) as u8 as f64)),
-            ),
+            ("sample_accuracy", correct / sampled),
+            ("kept_share", kept / sampled),
+            ("prompts_kept_share", prompts_kept / prompts_sampled),
+            ("sample_mean_length", generated / sampled),
+            ("sample_truncated_share", truncated / sampled),
+            // Peers sample side by side: tokens of all of them over one peer's time.
             (
                 "sampling_tokens_per_s",
-                generated_tokens as f64 / samples.seconds,
+                generated / (seconds / peer.world() as f64),
             ),
         ];
-        if rows.is_empty() {
+        if kept == 0.0 {
             trainer.skip_step();
         } else {
             let micro_batches: Vec<TokenBatch> = rows
@@ -581,7 +596,7 @@ pub fn run<B: AutodiffBackend>(
             ]);
         }
         let eval_numbers;
-        if trainer.should_evaluate() {
+        if trainer.should_evaluate() && peer.is_leader() {
             let result = evaluate_now(&trainer)?;
             eval_numbers = eval_scalars("eval_", &result);
             scalars.extend(eval_numbers.iter().map(|(k, v)| (k.as_str(), *v)));
@@ -594,16 +609,27 @@ pub fn run<B: AutodiffBackend>(
     }
 
     trainer.finish();
-    let trained = evaluate_now(&trainer)?;
-    let table = summary_table(&base, &trained, eval_items.len());
+    if peer.is_leader() {
+        write_summary(&base, &evaluate_now(&trainer)?, eval_items.len(), &config)?;
+    }
+    trainer.export_latest(&config.run.dir.join("final"))
+}
+
+/// Prints the base-versus-trained table and saves it as RUN/summary.md and summary.json.
+fn write_summary(
+    base: &EvalResult,
+    trained: &EvalResult,
+    eval_prompts: usize,
+    config: &OnPolicyConfig,
+) -> Result<()> {
+    let table = summary_table(base, trained, eval_prompts);
     println!("{table}");
     checkpoints::atomic::write_file(&config.run.dir.join("summary.md"), table.as_bytes())?;
-    let summary = json!({ "base": base, "trained": trained, "eval_prompts": eval_items.len() });
+    let summary = json!({ "base": base, "trained": trained, "eval_prompts": eval_prompts });
     checkpoints::atomic::write_file(
         &config.run.dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    trainer.export_latest(&config.run.dir.join("final"))
+    )
 }
 
 /// The base-versus-trained comparison printed at the end and saved as summary.md.

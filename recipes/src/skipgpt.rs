@@ -362,13 +362,16 @@ fn router_stage<B: AutodiffBackend>(
         config.router.train.steps
     );
     let router = &config.router;
+    let peer = trainer.peer.clone();
     while !trainer.is_done() {
         let micro_batches = trainer.next_micro_batches(&mut sampler, rows, pad_id)?;
         let schedule = router.schedule_at(trainer.step);
         let step = trainer.step;
         let (lm_loss, train_keep) = (Cell::new(0.0), Cell::new(0.0));
         let objective = |model: &CausalLm<B>, batch: DeviceBatch<B>, share: MicroBatchShare| {
-            let mut rng = StdRng::seed_from_u64(seed ^ (step << 16) ^ share.index as u64);
+            let mut rng = StdRng::seed_from_u64(
+                seed ^ (step << 16) ^ share.index as u64 ^ ((peer.rank() as u64) << 40),
+            );
             let noise = Some((&mut rng, schedule.noise_scale));
             let (logits, mean_gate) = gated_forward(model, &batch, schedule.temperature, noise)
                 .expect("routers were just added");
@@ -387,10 +390,15 @@ fn router_stage<B: AutodiffBackend>(
             loss
         };
         let stats = trainer.train_step_of(&micro_batches, &objective)?;
+        // Each peer's LM loss is its share of the global mean; its keep ratio a local mean.
+        let [lm_loss, keep_sum]: [f64; 2] = trainer
+            .sum_over_peers(&[lm_loss.get(), train_keep.get()])?
+            .try_into()
+            .expect("two sums");
         let mut scalars = vec![
             ("loss", stats.loss),
-            ("lm_loss", lm_loss.get()),
-            ("keep", train_keep.get()),
+            ("lm_loss", lm_loss),
+            ("keep", keep_sum / peer.world() as f64),
             ("keep_target", schedule.keep_target),
             ("temperature", schedule.temperature),
             ("noise_scale", schedule.noise_scale),
@@ -398,7 +406,7 @@ fn router_stage<B: AutodiffBackend>(
             ("grad_norm", stats.grad_norm),
             ("train_tokens_per_s", stats.tokens as f64 / stats.seconds),
         ];
-        if trainer.should_evaluate() && !eval_batches.is_empty() {
+        if trainer.should_evaluate() && !eval_batches.is_empty() && peer.is_leader() {
             let eval = evaluate_routed(&trainer.eval_model(), eval_batches);
             scalars.push(("eval_perplexity", eval.perplexity));
             scalars.push(("eval_keep", eval.overall_keep));
@@ -492,6 +500,9 @@ pub fn run<B: AutodiffBackend>(
         if train_stage(routed, &stage, &context)?.is_none() {
             return Ok(());
         }
+    }
+    if !trainer::distributed::current_peer().is_leader() {
+        return Ok(()); // the leader measures and reports
     }
     report(
         &config,

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn_collective::{CollectiveConfig, PeerId, ReduceOperation};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// This thread's place in a data-parallel run.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +134,9 @@ impl Peer {
 
 thread_local! {
     static CURRENT: RefCell<Peer> = RefCell::new(Peer::default());
+    /// How to leave the collective this thread joined (`finish` for the backend it joined
+    /// with); `None` before the first [`register`].
+    static JOINED: Cell<Option<fn(&Peer)>> = const { Cell::new(None) };
 }
 
 /// The peer this thread trains as (a single-device run unless [`run_as`] set one).
@@ -153,6 +156,10 @@ pub fn run_as<T>(peer: Peer, work: impl FnOnce() -> T) -> T {
 /// Across nodes it also checks that every node brought as many devices as this one (the
 /// shards assume it).
 pub fn register<B: Backend>(peer: &Peer, device: &B::Device) -> Result<()> {
+    if JOINED.with(Cell::get).is_some() {
+        // A later stage of the same run (each stage starts a trainer): already in.
+        return Ok(());
+    }
     let mut config = CollectiveConfig::default().with_num_devices(peer.local_world);
     if let Some(cluster) = &peer.cluster {
         // burn-communication logs every tensor transfer at INFO unless a logger is already
@@ -198,7 +205,22 @@ pub fn register<B: Backend>(peer: &Peer, device: &B::Device) -> Result<()> {
             );
         }
     }
+    JOINED.with(|joined| joined.set(Some(finish::<B>)));
     Ok(())
+}
+
+/// Leaves the collective this thread joined, once its peer's work has succeeded (across
+/// nodes: unregisters from the orchestrator, which can then serve the next run).
+pub fn leave() {
+    if let Some(finish) = JOINED.with(Cell::take) {
+        finish(&current_peer());
+    }
+}
+
+/// Waits until every peer has reached this point (e.g. the leader has written a file the
+/// others read next).
+pub fn barrier<B: Backend>(peer: &Peer, device: &B::Device) -> Result<()> {
+    all_reduce_sum(peer, Tensor::<B, 1>::zeros([1], device)).map(|_| ())
 }
 
 /// The value each peer passed, in rank order (one all-reduce of a one-hot vector; exact
@@ -222,9 +244,7 @@ pub fn serve_orchestrator(bind: &str) -> Result<()> {
     Ok(())
 }
 
-/// Leaves the collective at the end of a run (across nodes: unregisters from the
-/// orchestrator, which can then serve the next run).
-pub fn finish<B: Backend>(peer: &Peer) {
+fn finish<B: Backend>(peer: &Peer) {
     if let Err(error) = burn_collective::finish_collective::<B>(peer.id()) {
         eprintln!(
             "warning: peer {} left the collective uncleanly: {error:?}",

@@ -54,6 +54,38 @@ impl<B: Backend> Gradients<B> {
         }
     }
 
+    /// Zero gradients for every trainable parameter: the share of a data-parallel peer
+    /// that had nothing to train on this step (the all-reduce needs every peer's tensors).
+    pub fn zeros_for<AB: AutodiffBackend<InnerBackend = B>, M: Module<AB>>(module: &M) -> Self {
+        struct Zeros<AB: AutodiffBackend> {
+            path: Vec<String>,
+            out: BTreeMap<String, Tensor<AB::InnerBackend, 1>>,
+        }
+        impl<AB: AutodiffBackend> ModuleVisitor<AB> for Zeros<AB> {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.push(name.to_string());
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.pop();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+                let value = param.val();
+                if value.is_require_grad() {
+                    let zeros = Tensor::zeros([value.shape().num_elements()], &value.device());
+                    self.out.insert(self.path.join("."), zeros);
+                }
+            }
+        }
+        let mut visitor = Zeros::<AB> {
+            path: vec![],
+            out: BTreeMap::new(),
+        };
+        module.visit(&mut visitor);
+        Self {
+            tensors: visitor.out,
+        }
+    }
+
     /// Adds `other` into `self` (gradient accumulation).
     pub fn accumulate(&mut self, other: Self) {
         for (name, grad) in other.tensors {

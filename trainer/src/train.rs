@@ -636,7 +636,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 None => gradients = Some(step_gradients),
             }
         }
-        let mut gradients = gradients.expect("at least one micro-batch");
+        // A peer with nothing to train on this step still sends (zero) gradients.
+        let mut gradients = gradients.unwrap_or_else(|| Gradients::zeros_for(&self.model));
         if self.peer.is_distributed() {
             let names: Vec<String> = gradients.tensors.keys().cloned().collect();
             let mut tensors: Vec<Tensor<B::InnerBackend, 1>> =
@@ -711,6 +712,25 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
+    /// Sums `values` over the peers of a data-parallel run (as they are on one device), e.g.
+    /// counts that each peer made on its own shard.
+    pub fn sum_over_peers(&self, values: &[f64]) -> Result<Vec<f64>> {
+        if !self.peer.is_distributed() {
+            return Ok(values.to_vec());
+        }
+        let local: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        let device = self.model.device();
+        let local = Tensor::<B::InnerBackend, 1>::from_floats(local.as_slice(), &device);
+        let summed = distributed::all_reduce_sum(&self.peer, local)?;
+        Ok(summed
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect())
+    }
+
     /// Counts a step that had nothing to train on (on-policy SFT with no correct sample):
     /// the schedule moves on, the weights and optimizer do not.
     pub fn skip_step(&mut self) {
@@ -739,7 +759,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.peer.world(),
                 weights_fingerprint(&self.model)
             );
-            distributed::finish::<B::InnerBackend>(&self.peer);
         }
         if !self.peer.is_leader() {
             return;
@@ -819,9 +838,17 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Exports the newest valid checkpoint as a Hugging Face folder at `out` (LoRA merged,
     /// the adapter alongside in the PEFT layout).
     pub fn export_latest(&self, out: &Path) -> Result<()> {
-        if !self.peer.is_leader() {
-            return Ok(());
+        if self.peer.is_leader() {
+            self.export_latest_checkpoint(out)?;
         }
+        if self.peer.is_distributed() {
+            // The other peers may load the export next (a later stage starts from it).
+            distributed::barrier::<B::InnerBackend>(&self.peer, &self.model.device())?;
+        }
+        Ok(())
+    }
+
+    fn export_latest_checkpoint(&self, out: &Path) -> Result<()> {
         let last = self
             .checkpoints
             .latest_valid(|warning| eprintln!("warning: {warning}"))?
