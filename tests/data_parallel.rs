@@ -34,6 +34,7 @@ fn max_weight_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> 
 }
 
 const STEPS: &str = "train.steps=16";
+const TWO_CPUS: [&str; 2] = ["--devices", "cpu,cpu"];
 /// Two peers of batch 2 each.
 const TWO_PEERS: [&str; 6] = [
     "--set",
@@ -44,6 +45,27 @@ const TWO_PEERS: [&str; 6] = [
     "cpu,cpu",
 ];
 
+/// The run in `two` (two peers of batch 2) ended where one peer with batch 4 ends, with the
+/// same loss curve (float tolerance: the gradients are summed in another order).
+fn assert_matches_one_peer_with_the_doubled_batch(two: &std::path::Path, scratch: &str) {
+    let one = scratch_dir(scratch);
+    run_to_end(sft_command(
+        &test_config(),
+        &one,
+        &["--set", STEPS, "--set", "train.batch_size=4"],
+    ));
+    let difference = max_weight_difference(
+        &model_tensors(&checkpoint(two, 16)),
+        &model_tensors(&checkpoint(&one, 16)),
+    );
+    assert!(difference < 1e-5, "max weight difference {difference}");
+    let (curve_two, curve_one) = (loss_curve(two), loss_curve(&one));
+    assert_eq!(curve_two.len(), 16);
+    for ((step, a), (_, b)) in curve_two.iter().zip(&curve_one) {
+        assert!((a - b).abs() < 1e-5, "step {step}: loss {a} vs {b}");
+    }
+}
+
 #[test]
 fn two_peers_match_one_peer_with_the_doubled_batch() {
     let two = scratch_dir("dp-two-peers");
@@ -53,22 +75,7 @@ fn two_peers_match_one_peer_with_the_doubled_batch() {
     assert_eq!(prints.len(), 2, "{stdout}");
     assert_eq!(prints[0].1, prints[1].1, "peers ended on different weights");
 
-    let one = scratch_dir("dp-one-peer");
-    run_to_end(sft_command(
-        &test_config(),
-        &one,
-        &["--set", STEPS, "--set", "train.batch_size=4"],
-    ));
-    let difference = max_weight_difference(
-        &model_tensors(&checkpoint(&two, 16)),
-        &model_tensors(&checkpoint(&one, 16)),
-    );
-    assert!(difference < 1e-5, "max weight difference {difference}");
-    let (curve_two, curve_one) = (loss_curve(&two), loss_curve(&one));
-    assert_eq!(curve_two.len(), 16);
-    for ((step, a), (_, b)) in curve_two.iter().zip(&curve_one) {
-        assert!((a - b).abs() < 1e-5, "step {step}: loss {a} vs {b}");
-    }
+    assert_matches_one_peer_with_the_doubled_batch(&two, "dp-one-peer");
     // Only the leader writes the run's files; the other peer keeps its own metrics apart.
     assert!(two.join("peers/1/metrics.jsonl").exists());
     assert!(two.join("final/model.safetensors").exists());
@@ -81,17 +88,7 @@ fn killed_two_peer_run_resumes_to_the_same_end() {
     run_to_end(sft_command(&test_config(), &straight, &args));
 
     let killed = scratch_dir("dp-killed");
-    let mut child = sft_command(&test_config(), &killed, &args)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&mut child, &killed, 8);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        !checkpoint(&killed, 16).exists(),
-        "finished before the kill"
-    );
+    kill_after_checkpoint(sft_command(&test_config(), &killed, &args), &killed, 8, 16);
 
     let mut resume = args.to_vec();
     resume.extend(["--resume", "auto"]);
@@ -127,20 +124,7 @@ fn killed_two_peer_run_resumes_to_the_same_end() {
 #[test]
 fn skipgpt_stages_on_two_peers_agree() {
     let run = scratch_dir("dp-skipgpt");
-    let output = run_to_end({
-        let mut command = Command::new(trainer_bin());
-        command.current_dir(repo_root()).args([
-            "recipe",
-            "skipgpt",
-            "--config",
-            "tests/fixtures/configs/skipgpt-test.toml",
-            "--set",
-            &format!("run.dir={}", run.display()),
-            "--devices",
-            "cpu,cpu",
-        ]);
-        command
-    });
+    let output = run_to_end(skipgpt_command(&run, &TWO_CPUS));
     let stdout = String::from_utf8_lossy(&output.stdout);
     // Pretrain, router and LoRA stages: each ends with both peers on the same weights.
     let prints = peer_fingerprints(&stdout);
@@ -242,14 +226,7 @@ fn run_together(commands: Vec<Command>) -> Vec<Output> {
 }
 
 fn assert_all_succeeded(outputs: &[Output]) {
-    for (rank, output) in outputs.iter().enumerate() {
-        assert!(
-            output.status.success(),
-            "node {rank} failed:\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    outputs.iter().for_each(assert_succeeded);
 }
 
 #[test]
@@ -270,20 +247,7 @@ fn two_nodes_through_the_orchestrator_match_one_peer_with_the_doubled_batch() {
     assert_eq!(prints[1].0, "1 of 2");
     assert_eq!(prints[0].1, prints[1].1, "nodes ended on different weights");
 
-    let one = scratch_dir("mn-one-peer");
-    run_to_end(sft_command(
-        &test_config(),
-        &one,
-        &["--set", STEPS, "--set", "train.batch_size=4"],
-    ));
-    let difference = max_weight_difference(
-        &model_tensors(&checkpoint(&two, 16)),
-        &model_tensors(&checkpoint(&one, 16)),
-    );
-    assert!(difference < 1e-5, "max weight difference {difference}");
-    for ((step, a), (_, b)) in loss_curve(&two).iter().zip(&loss_curve(&one)) {
-        assert!((a - b).abs() < 1e-5, "step {step}: loss {a} vs {b}");
-    }
+    assert_matches_one_peer_with_the_doubled_batch(&two, "mn-one-peer");
     // Node 1 wrote no checkpoint of its own.
     assert!(two.join("peers/1/metrics.jsonl").exists());
     assert!(!two.join("peers/1/checkpoints").exists());
@@ -386,14 +350,7 @@ fn two_steps_on(batch: Option<&TokenBatch>, run_dir: &std::path::Path) -> Vec<(S
 #[test]
 fn a_peer_with_nothing_to_train_on_sends_zero_gradients() {
     let rows: Vec<TokenRow> = (0..2)
-        .map(|r| {
-            let tokens: Vec<u32> = (0..9).map(|i| ((i * 7 + r * 11) % 40) as u32).collect();
-            TokenRow {
-                loss_mask: vec![true; tokens.len()],
-                segment: vec![1; tokens.len()],
-                tokens,
-            }
-        })
+        .map(|r| TokenRow::all_trained((0..9).map(|i| (i * 7 + r * 11) % 40).collect()))
         .collect();
     let batch = TokenBatch::from_rows(&rows.iter().collect::<Vec<_>>(), 0);
     let alone = two_steps_on(Some(&batch), &scratch_dir("dp-zero-alone"));
@@ -414,30 +371,10 @@ fn a_peer_with_nothing_to_train_on_sends_zero_gradients() {
     assert_eq!(with_rows, alone, "adding zeros should change nothing");
 }
 
-fn onpolicy_two_peers(run_dir: &std::path::Path, extra: &[&str]) -> Command {
-    let mut command = Command::new(trainer_bin());
-    command
-        .current_dir(repo_root())
-        .args([
-            "recipe",
-            "onpolicy-sft",
-            "--config",
-            "tests/fixtures/configs/onpolicy-test.toml",
-        ])
-        .args([
-            "--set",
-            &format!("run.dir={}", run_dir.display()),
-            "--devices",
-            "cpu,cpu",
-        ])
-        .args(extra);
-    command
-}
-
 #[test]
 fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
     let straight = scratch_dir("dp-onpolicy-straight");
-    let output = run_to_end(onpolicy_two_peers(&straight, &[]));
+    let output = run_to_end(onpolicy_command(&straight, &TWO_CPUS));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let prints = peer_fingerprints(&stdout);
     assert_eq!(prints.len(), 2, "{stdout}");
@@ -447,15 +384,11 @@ fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
     );
 
     let killed = scratch_dir("dp-onpolicy-killed");
-    let mut child = onpolicy_two_peers(&killed, &[])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&mut child, &killed, 2);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(!checkpoint(&killed, 6).exists(), "finished before the kill");
-    run_to_end(onpolicy_two_peers(&killed, &["--resume", "auto"]));
+    kill_after_checkpoint(onpolicy_command(&killed, &TWO_CPUS), &killed, 2, 6);
+    run_to_end(onpolicy_command(
+        &killed,
+        &["--devices", "cpu,cpu", "--resume", "auto"],
+    ));
     assert_eq!(
         model_tensors(&checkpoint(&straight, 6)),
         model_tensors(&checkpoint(&killed, 6))
@@ -474,9 +407,14 @@ fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
     );
 
     // Prompts that cannot be split evenly are refused with the key named.
-    let output = onpolicy_two_peers(
+    let output = onpolicy_command(
         &scratch_dir("dp-onpolicy-odd"),
-        &["--set", "sampling.prompts_per_step=3"],
+        &[
+            "--devices",
+            "cpu,cpu",
+            "--set",
+            "sampling.prompts_per_step=3",
+        ],
     )
     .output()
     .unwrap();

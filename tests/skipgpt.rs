@@ -12,7 +12,6 @@ use datasets::{TokenBatch, TokenRow};
 use recipes::skipgpt::{evaluate_routed, gated_forward, router_loss};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::process::Command;
 use trainer::model::init::ParamInit;
 use trainer::model::llama::LlamaConfig;
 use trainer::model::router::LayerDecisions;
@@ -34,11 +33,7 @@ fn tiny_routed<B: Backend>(seed: u64) -> CausalLm<B> {
 
 /// Two rows of different lengths (the second padded), all tokens trained.
 fn batch() -> TokenBatch {
-    let row = |tokens: Vec<u32>| TokenRow {
-        loss_mask: vec![true; tokens.len()],
-        segment: vec![1; tokens.len()],
-        tokens,
-    };
+    let row = TokenRow::all_trained;
     let long = row((0..17).map(|i| (i * 7 + 3) % 64).collect());
     let short = row((0..11).map(|i| (i * 5 + 1) % 64).collect());
     TokenBatch::from_rows(&[&long, &short], 0)
@@ -242,22 +237,6 @@ fn evaluation_counts_keep_ratios_per_layer_and_kind() {
     let dense = evaluate_routed(&model.clone().without_routers(), &[batch()]);
     assert_eq!(dense.overall_keep, 1.0);
     assert_ne!(dense.perplexity, eval.perplexity);
-}
-
-fn skipgpt_command(run_dir: &std::path::Path, extra: &[&str]) -> Command {
-    let mut command = Command::new(trainer_bin());
-    command
-        .current_dir(repo_root())
-        .args([
-            "recipe",
-            "skipgpt",
-            "--config",
-            "tests/fixtures/configs/skipgpt-test.toml",
-        ])
-        .arg("--set")
-        .arg(format!("run.dir=\"{}\"", run_dir.display()))
-        .args(extra);
-    command
 }
 
 #[test]

@@ -168,28 +168,19 @@ fn sft(run_dir: &Path, wandb_url: &str, extra: &[&str]) -> Output {
     command.output().unwrap()
 }
 
-fn assert_ok(output: &Output) {
-    assert!(
-        output.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 #[test]
 fn wandb_receives_every_line_once_across_outage_and_resume() {
     let server = FakeWandb::start();
     server.failures.store(2, Ordering::SeqCst); // the first two sends fail with 500
     let run = scratch_dir("wandb-run");
-    assert_ok(&sft(
+    assert_succeeded(&sft(
         &run,
         &server.url,
         &["--set", "train.steps=12", "--set", "train.save_every=6"],
     ));
     let first_run = server.requests().len();
     // Resume the finished run for six more steps.
-    assert_ok(&sft(
+    assert_succeeded(&sft(
         &run,
         &server.url,
         &[
@@ -311,7 +302,7 @@ fn an_unresponsive_server_never_slows_training() {
         ],
     );
     let seconds = start.elapsed().as_secs_f64();
-    assert_ok(&output);
+    assert_succeeded(&output);
     assert!(
         seconds < 25.0,
         "the run took {seconds:.1}s: training waited for the server"
@@ -340,7 +331,7 @@ fn plots_have_one_png_per_metric() {
         ])
         .output()
         .unwrap();
-    assert_ok(&output);
+    assert_succeeded(&output);
     let series = trainer::plot::metric_series(&run.join("metrics.jsonl")).unwrap();
     assert!(
         series.contains_key("loss")

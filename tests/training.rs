@@ -15,17 +15,7 @@ fn resume_after_sigkill_is_bitwise_exact() {
     run_to_end(sft_command(&test_config(), &straight, &[]));
 
     let killed = scratch_dir("resume-killed");
-    let mut child = sft_command(&test_config(), &killed, &[])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&mut child, &killed, 8);
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
-    assert!(
-        !checkpoint(&killed, 40).exists(),
-        "the run finished before it was killed"
-    );
+    kill_after_checkpoint(sft_command(&test_config(), &killed, &[]), &killed, 8, 40);
 
     let resumed = run_to_end(sft_command(&test_config(), &killed, &["--resume", "auto"]));
     assert!(String::from_utf8_lossy(&resumed.stdout).contains("resumed from"));
@@ -286,20 +276,6 @@ fn peft_loaded_the_adapter_we_export() {
     );
 }
 
-fn onpolicy_command(run_dir: &Path, extra: &[&str]) -> Command {
-    let mut command = Command::new(trainer_bin());
-    command.current_dir(repo_root()).args([
-        "recipe",
-        "onpolicy-sft",
-        "--config",
-        "tests/fixtures/configs/onpolicy-test.toml",
-    ]);
-    command
-        .args(["--set", &format!("run.dir={}", run_dir.display())])
-        .args(extra);
-    command
-}
-
 /// Every scalar of every metrics line except the wall-clock ones.
 fn deterministic_metrics(run_dir: &Path) -> Vec<Vec<(String, f64)>> {
     trainer::metrics::read_metrics(&run_dir.join("metrics.jsonl"))
@@ -322,17 +298,7 @@ fn onpolicy_sft_resumes_exactly() {
     run_to_end(onpolicy_command(&straight, &[]));
     let killed = scratch_dir("onpolicy-killed");
     // SIGKILL once the step-2 checkpoint exists, then resume for the rest.
-    let mut child = onpolicy_command(&killed, &[])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&mut child, &killed, 2);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        !checkpoint(&killed, 6).exists(),
-        "the run finished before it was killed"
-    );
+    kill_after_checkpoint(onpolicy_command(&killed, &[]), &killed, 2, 6);
     run_to_end(onpolicy_command(&killed, &["--resume", "auto"]));
 
     let metrics = deterministic_metrics(&straight);

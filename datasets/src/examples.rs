@@ -25,6 +25,15 @@ pub struct TokenRow {
 }
 
 impl TokenRow {
+    /// One sequence in which every token is trained on (plain language modelling).
+    pub fn all_trained(tokens: Vec<u32>) -> Self {
+        Self {
+            loss_mask: vec![true; tokens.len()],
+            segment: vec![1; tokens.len()],
+            tokens,
+        }
+    }
+
     fn push(&mut self, tokens: &[u32], trained: bool) {
         self.tokens.extend_from_slice(tokens);
         self.loss_mask

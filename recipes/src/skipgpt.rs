@@ -200,11 +200,7 @@ pub fn corpus_rows(
     let every = (1.0 / corpus.eval_fraction.clamp(1e-6, 0.5)).round() as usize;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (index, chunk) in tokens.chunks_exact(window).enumerate() {
-        let row = TokenRow {
-            tokens: chunk.to_vec(),
-            loss_mask: vec![true; window],
-            segment: vec![1; window],
-        };
+        let row = TokenRow::all_trained(chunk.to_vec());
         if index % every == every - 1 {
             eval.push(row);
         } else {

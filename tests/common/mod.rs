@@ -3,7 +3,7 @@
 
 use checkpoints::WeightSource;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
@@ -63,31 +63,65 @@ pub fn test_config() -> PathBuf {
     repo_root().join("tests/fixtures/configs/sft-tiny-test.toml")
 }
 
-/// `trainer recipe sft` on the tiny test config, writing into `run_dir`.
-pub fn sft_command(config: &Path, run_dir: &Path, extra: &[&str]) -> Command {
-    let root = repo_root();
+/// `trainer recipe RECIPE --config CONFIG --set run.dir=RUN_DIR EXTRA...` from the repository root.
+pub fn recipe_command(recipe: &str, config: &Path, run_dir: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(trainer_bin());
     command
-        .current_dir(&root)
-        .args(["recipe", "sft", "--config", config.to_str().unwrap()]);
-    command.args(["--set", &format!("run.dir={}", run_dir.display())]);
-    command.args(extra);
+        .current_dir(repo_root())
+        .args(["recipe", recipe, "--config", config.to_str().unwrap()])
+        .args(["--set", &format!("run.dir={}", run_dir.display())])
+        .args(extra);
     command
 }
 
-pub fn run_to_end(mut command: Command) -> Output {
-    let output = command.output().unwrap();
+/// `trainer recipe sft` on `config`, writing into `run_dir`.
+pub fn sft_command(config: &Path, run_dir: &Path, extra: &[&str]) -> Command {
+    recipe_command("sft", config, run_dir, extra)
+}
+
+/// `trainer recipe onpolicy-sft` on the short on-policy test config.
+pub fn onpolicy_command(run_dir: &Path, extra: &[&str]) -> Command {
+    let config = repo_root().join("tests/fixtures/configs/onpolicy-test.toml");
+    recipe_command("onpolicy-sft", &config, run_dir, extra)
+}
+
+/// `trainer recipe skipgpt` on the tiny all-stage test config.
+pub fn skipgpt_command(run_dir: &Path, extra: &[&str]) -> Command {
+    let config = repo_root().join("tests/fixtures/configs/skipgpt-test.toml");
+    recipe_command("skipgpt", &config, run_dir, extra)
+}
+
+/// Fails the test with the command's output unless it succeeded.
+pub fn assert_succeeded(output: &Output) {
     assert!(
         output.status.success(),
         "trainer failed:\n{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+pub fn run_to_end(mut command: Command) -> Output {
+    let output = command.output().unwrap();
+    assert_succeeded(&output);
     output
 }
 
 pub fn checkpoint(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(format!("checkpoints/step-{step:08}"))
+}
+
+/// Starts `command`, SIGKILLs it once checkpoint `step` exists (no chance to clean up), and
+/// checks that it had not reached checkpoint `last`, so a resume has work left.
+pub fn kill_after_checkpoint(mut command: Command, run_dir: &Path, step: u64, last: u64) {
+    let mut child = command.stdout(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(&mut child, run_dir, step);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !checkpoint(run_dir, last).exists(),
+        "the run finished before it was killed"
+    );
 }
 
 pub fn wait_for_checkpoint(child: &mut Child, run_dir: &Path, step: u64) {

@@ -106,11 +106,7 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
             let tokens: Vec<u32> = (0..=options.seq)
                 .map(|i| ((i * 7919 + b * 104_729) % config.vocab_size) as u32)
                 .collect();
-            TokenRow {
-                loss_mask: vec![true; tokens.len()],
-                segment: vec![1; tokens.len()],
-                tokens,
-            }
+            TokenRow::all_trained(tokens)
         })
         .collect();
     let batch = TokenBatch::from_rows(&rows.iter().collect::<Vec<_>>(), 0);
