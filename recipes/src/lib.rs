@@ -9,6 +9,7 @@ pub mod skipgpt;
 pub mod verify;
 
 use anyhow::{bail, Result};
+use common::RunSection;
 use std::path::{Path, PathBuf};
 use trainer::backend::DeviceSpec;
 use trainer::config::load_config;
@@ -83,10 +84,11 @@ fn no_stages(args: &RecipeArgs, recipe: &str) -> Result<()> {
 fn run_sft(args: &RecipeArgs) -> Result<()> {
     no_stages(args, "sft")?;
     let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
-    run_on_each_device(args, &config.run.device, |device_name| {
-        let mut config = config.clone();
-        config.run.device = device_name.to_string();
-        let device = DeviceSpec::parse(device_name)?.ensure_available()?;
+    run_on_each_device(args, &config.run, |run, device| {
+        let config = sft::SftConfig {
+            run,
+            ..config.clone()
+        };
         with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
             config,
             &resolved,
@@ -97,16 +99,25 @@ fn run_sft(args: &RecipeArgs) -> Result<()> {
 }
 
 /// Runs `work` once on the config's device, or, data-parallel, once per device of
-/// `--devices` on threads that are this node's peers of one run.
+/// `--devices` on threads that are this node's peers of one run. `work` gets the config's
+/// `[run]` with its device set, and that device, checked to be usable.
 fn run_on_each_device(
     args: &RecipeArgs,
-    config_device: &str,
-    work: impl Fn(&str) -> Result<()> + Sync,
+    run: &RunSection,
+    work: impl Fn(RunSection, DeviceSpec) -> Result<()> + Sync,
 ) -> Result<()> {
     let devices = if args.devices.is_empty() {
-        vec![config_device.to_string()]
+        vec![run.device.clone()]
     } else {
         args.devices.clone()
+    };
+    let work = |device: &str| {
+        let spec = DeviceSpec::parse(device)?.ensure_available()?;
+        let run = RunSection {
+            device: device.to_string(),
+            ..run.clone()
+        };
+        work(run, spec)
     };
     if !args.is_data_parallel() {
         return work(&devices[0]);
@@ -152,10 +163,11 @@ fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
     no_stages(args, "onpolicy-sft")?;
     let (config, resolved): (onpolicy_sft::OnPolicyConfig, _) =
         load_config(&args.config, &args.overrides)?;
-    run_on_each_device(args, &config.run.device, |device_name| {
-        let mut config = config.clone();
-        config.run.device = device_name.to_string();
-        let device = DeviceSpec::parse(device_name)?.ensure_available()?;
+    run_on_each_device(args, &config.run, |run, device| {
+        let config = onpolicy_sft::OnPolicyConfig {
+            run,
+            ..config.clone()
+        };
         with_backend!(device, |B, device| onpolicy_sft::run::<
             burn::backend::Autodiff<B>,
         >(
@@ -173,10 +185,11 @@ fn run_skipgpt(args: &RecipeArgs) -> Result<()> {
     if let Some(stage) = &args.stage {
         config.stages = vec![skipgpt::Stage::parse(stage)?];
     }
-    run_on_each_device(args, &config.run.device, |device_name| {
-        let mut config = config.clone();
-        config.run.device = device_name.to_string();
-        let device = DeviceSpec::parse(device_name)?.ensure_available()?;
+    run_on_each_device(args, &config.run, |run, device| {
+        let config = skipgpt::SkipGptConfig {
+            run,
+            ..config.clone()
+        };
         with_backend!(
             device,
             |B, device| skipgpt::run::<burn::backend::Autodiff<B>>(config, &resolved, device)
