@@ -86,9 +86,6 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--modes", default="f32")
     parser.add_argument("--peak-tflops", type=float)
-    # Ours only (scripts/bench-train passes the same flags to both); PyTorch's precision is
-    # chosen by --modes.
-    parser.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     args = parser.parse_args()
     for mode in args.modes.split(","):
         bench(args, mode)
