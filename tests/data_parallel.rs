@@ -323,6 +323,52 @@ fn killed_two_node_run_resumes_against_the_same_orchestrator() {
     );
 }
 
+/// A stop request (SIGTERM) to one node is a vote every peer sees in its next all-reduce: all
+/// stop after the same step, the leader saves it, and every process exits cleanly.
+#[test]
+fn sigterm_to_one_node_stops_every_node_with_a_checkpoint() {
+    let orchestrator = Orchestrator::start();
+    let run = scratch_dir("mn-sigterm");
+    let long = ["--set", "train.steps=100000"];
+    let spawn = |rank| {
+        orchestrator
+            .node(rank, &run, &long)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut leader, other) = (spawn(0), spawn(1));
+    wait_for_checkpoint(&mut leader, &run, 8);
+    let status = Command::new("kill")
+        .args(["-TERM", &other.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let outputs = [leader, other].map(|child| child.wait_with_output().unwrap());
+    assert_all_succeeded(&outputs);
+    let stopped_at = |output: &Output| -> u64 {
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("stopped by signal at step"))
+            .unwrap_or_else(|| panic!("no stop line in:\n{stdout}"));
+        line.split_whitespace()
+            .nth(5)
+            .unwrap()
+            .trim_end_matches(';')
+            .parse()
+            .unwrap()
+    };
+    let step = stopped_at(&outputs[0]);
+    assert_eq!(
+        step,
+        stopped_at(&outputs[1]),
+        "the nodes stopped at different steps"
+    );
+    assert!(checkpoint(&run, step).join("manifest.json").exists());
+}
+
 /// Two optimizer steps of a tiny model on `batch` (or on nothing), as the current thread's peer;
 /// the weights at the end.
 fn two_steps_on(batch: Option<&TokenBatch>, run_dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
