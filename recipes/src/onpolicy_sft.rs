@@ -554,20 +554,21 @@ pub fn run<B: AutodiffBackend>(
 
         // 5. One update: token-mean NLL over every kept response (of all peers).
         let generated_tokens: usize = samples.tokens.iter().map(Vec::len).sum();
-        let [correct, sampled, kept, prompts_kept, prompts_sampled, generated, truncated, seconds]: [f64;
-            8] = trainer
-            .sum_over_peers(&[
-                samples.scores.iter().map(|&s| s as f64).sum(),
-                batch.len() as f64,
-                rows.len() as f64,
-                prompts_kept.len() as f64,
-                picked.len() as f64,
-                generated_tokens as f64,
-                samples.finished.iter().filter(|&&f| !f).count() as f64,
-                samples.seconds,
-            ])?
-            .try_into()
-            .expect("eight sums");
+        let totals = trainer.sum_over_peers(&[
+            samples.scores.iter().map(|&s| s as f64).sum(),
+            batch.len() as f64,
+            rows.len() as f64,
+            prompts_kept.len() as f64,
+            picked.len() as f64,
+            generated_tokens as f64,
+            samples.finished.iter().filter(|&&f| !f).count() as f64,
+            samples.seconds,
+        ])?;
+        let &[correct, sampled, kept, prompts_kept, prompts_sampled, generated, truncated, seconds] =
+            totals.as_slice()
+        else {
+            unreachable!("eight sums in, eight out")
+        };
         let mut scalars = vec![
             ("sample_accuracy", correct / sampled),
             ("kept_share", kept / sampled),
