@@ -9,6 +9,7 @@ use datasets::{EpochSampler, Template, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::train::{evaluate_loss, Next, Resume, TrainConfig, Trainer};
 use trainer::CausalLm;
@@ -92,17 +93,15 @@ pub fn run<B: AutodiffBackend>(
         resume,
     )?;
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
-    if trainer.peer.is_leader() {
-        println!(
-            "sft: {} training rows, {} held out, {} steps of {} x {} sequences x {} peer(s)",
-            rows.len(),
-            eval_rows.len(),
-            config.train.steps,
-            config.train.grad_accum,
-            config.train.batch_size,
-            trainer.peer.world()
-        );
-    }
+    leader_println!(
+        "sft: {} training rows, {} held out, {} steps of {} x {} sequences x {} peer(s)",
+        rows.len(),
+        eval_rows.len(),
+        config.train.steps,
+        config.train.grad_accum,
+        config.train.batch_size,
+        trainer.peer.world()
+    );
 
     if train_on_rows(&mut trainer, &rows, &eval_batches, &mut sampler, pad_id)? == Next::Stop {
         return Ok(());
@@ -168,7 +167,7 @@ pub struct SftStage<'a> {
 pub fn finished_stage(name: &str, dir: &Path) -> Option<PathBuf> {
     let exported = dir.join("final");
     exported.join("config.json").exists().then(|| {
-        println!(
+        leader_println!(
             "{name}: reusing {} (delete it to train this stage again)",
             exported.display()
         );
@@ -188,7 +187,7 @@ pub fn train_stage<B: AutodiffBackend>(
     }
     let exported = stage.dir.join("final");
     prepare_run_dir(&stage.dir, context.resolved, context.tokenizer_dir)?;
-    println!(
+    leader_println!(
         "{}: {} rows, {} steps",
         stage.name,
         stage.rows.len(),

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::loss::token_nll_sum;
 use trainer::model::llama::LayerGates;
@@ -352,7 +353,7 @@ fn router_stage<B: AutodiffBackend>(
     let model = base.with_routers(seed);
     let (mut trainer, saved) = Trainer::start(model, train, None, seed, &dir, &Resume::Auto)?;
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
-    println!(
+    leader_println!(
         "router stage: target sparsity {:.0}%, {} steps (base frozen, routers train)",
         100.0 * config.router.sparsity,
         config.router.train.steps
@@ -437,7 +438,7 @@ pub fn run<B: AutodiffBackend>(
     let (rows, eval_rows) = corpus_rows(&config.corpus, &tokenizer)?;
     let eval_batches = batches_in_order(&eval_rows, config.eval_batch_size, pad_id);
     prepare_run_dir(&config.run.dir, resolved, &tokenizer_dir)?;
-    println!(
+    leader_println!(
         "skipgpt: {} training windows, {} held out, stages {:?}",
         rows.len(),
         eval_rows.len(),

@@ -139,6 +139,16 @@ thread_local! {
     static JOINED: Cell<Option<fn(&Peer)>> = const { Cell::new(None) };
 }
 
+/// `println!` on the leading peer only, so that a data-parallel run says things once.
+#[macro_export]
+macro_rules! leader_println {
+    ($($arg:tt)*) => {
+        if $crate::distributed::current_peer().is_leader() {
+            println!($($arg)*);
+        }
+    };
+}
+
 /// The peer this thread trains as (a single-device run unless [`run_as`] set one).
 pub fn current_peer() -> Peer {
     CURRENT.with(|peer| peer.borrow().clone())

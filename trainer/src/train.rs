@@ -389,7 +389,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             Resume::Auto => {
                 let found = checkpoints.latest_valid(|warning| eprintln!("warning: {warning}"))?;
                 if found.is_none() {
-                    eprintln!(
+                    crate::leader_println!(
                         "no checkpoint in {}: starting fresh",
                         checkpoints.root.display()
                     );
@@ -504,7 +504,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 per_peer * self.peer.world()
             );
         }
-        println!(
+        crate::leader_println!(
             "resumed from {} (step {})",
             checkpoint.dir.display(),
             checkpoint.step
