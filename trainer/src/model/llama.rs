@@ -470,31 +470,41 @@ impl<B: Backend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let k = self.repeat_kv(k);
-        let v = self.repeat_kv(v);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar((self.head_dim as f64).powf(-0.5));
-        // f32::MIN rather than -inf: a fully masked row (a padding query) stays finite.
-        let scores = scores.mask_fill(context.allowed.clone().bool_not(), f32::MIN);
-        let out = softmax(scores, 3).matmul(v); // [batch, heads, seq, head_dim]
+        let out = grouped_attention(q, k, v, context.allowed.clone().bool_not());
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
+}
 
-    /// Grouped-query attention: each key/value head serves `num_heads / num_kv_heads` queries.
-    pub fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return x;
-        }
-        let [batch, kv_heads, len, dim] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([batch, kv_heads, groups, len, dim])
-            .reshape([batch, kv_heads * groups, len, dim])
-    }
+/// `softmax(q k^T / sqrt(head_dim)) v` for queries `q: [batch, heads, queries, head_dim]` and
+/// keys and values `[batch, kv_heads, keys, head_dim]`, each key/value head serving
+/// `heads / kv_heads` consecutive query heads (grouped-query attention, as `repeat_kv` in
+/// `transformers`). The queries of a group are stacked as the rows of one matrix product, so
+/// keys and values are never copied per query head (that copy of the whole KV cache took half
+/// of the decoding time). `blocked: [batch, 1, queries, keys]` is true where a query may not
+/// look. Returns `[batch, heads, queries, head_dim]`.
+pub fn grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    blocked: Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
+    let [batch, heads, queries, head_dim] = q.dims();
+    let [_, kv_heads, keys, _] = k.dims();
+    let groups = heads / kv_heads;
+    let scores = q
+        .reshape([batch, kv_heads, groups * queries, head_dim])
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar((head_dim as f64).powf(-0.5))
+        .reshape([batch, kv_heads, groups, queries, keys]);
+    // f32::MIN rather than -inf: a fully masked row (a padding query) stays finite.
+    let scores = scores.mask_fill(blocked.unsqueeze_dim::<5>(2), f32::MIN);
+    softmax(scores, 4)
+        .reshape([batch, kv_heads, groups * queries, keys])
+        .matmul(v)
+        .reshape([batch, heads, queries, head_dim])
 }
 
 #[derive(Module, Debug)]
@@ -774,5 +784,69 @@ impl<B: Backend> CausalLm<B> {
             hidden = layer.forward(hidden, &context, Some(slot), &gates);
         }
         self.head(hidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = crate::Cpu;
+
+    /// What `grouped_attention` replaces: every key/value head copied per query head
+    /// (`repeat_kv` in `transformers`), then plain attention.
+    fn attention_with_copied_heads(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        blocked: Tensor<B, 4, Bool>,
+    ) -> Tensor<B, 4> {
+        let [batch, heads, _, head_dim] = q.dims();
+        let [_, kv_heads, keys, _] = k.dims();
+        let repeat = |x: Tensor<B, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([batch, kv_heads, heads / kv_heads, keys, head_dim])
+                .reshape([batch, heads, keys, head_dim])
+        };
+        let scores = q
+            .matmul(repeat(k).swap_dims(2, 3))
+            .mul_scalar((head_dim as f64).powf(-0.5))
+            .mask_fill(blocked, f32::MIN);
+        softmax(scores, 3).matmul(repeat(v))
+    }
+
+    #[test]
+    fn grouped_attention_equals_attention_over_copied_heads() {
+        let device = Default::default();
+        let mut init = ParamInit::normal(11, 1.0);
+        let (batch, heads, kv_heads, queries, keys, head_dim) = (2, 6, 2, 3, 5, 4);
+        let q: Tensor<B, 4> = init
+            .tensor([batch, heads, queries, head_dim], &device)
+            .val();
+        let k: Tensor<B, 4> = init
+            .tensor([batch, kv_heads, keys, head_dim], &device)
+            .val();
+        let v: Tensor<B, 4> = init
+            .tensor([batch, kv_heads, keys, head_dim], &device)
+            .val();
+        // Causal over the last `queries` keys, and the first key of row 1 is padding.
+        let mut blocked = vec![false; batch * queries * keys];
+        for (row, query, key) in (0..batch)
+            .flat_map(|b| (0..queries).flat_map(move |q| (0..keys).map(move |k| (b, q, k))))
+        {
+            let causal = key > keys - queries + query;
+            blocked[(row * queries + query) * keys + key] = causal || (row == 1 && key == 0);
+        }
+        let blocked = Tensor::<B, 1, Bool>::from_bool(
+            burn::tensor::TensorData::new(blocked, [batch * queries * keys]),
+            &device,
+        )
+        .reshape([batch, 1, queries, keys]);
+        let expected =
+            attention_with_copied_heads(q.clone(), k.clone(), v.clone(), blocked.clone());
+        let got = grouped_attention(q, k, v, blocked);
+        assert_eq!(got.dims(), [batch, heads, queries, head_dim]);
+        let difference: f32 = (got - expected).abs().max().into_scalar();
+        assert!(difference < 1e-5, "max difference {difference}");
     }
 }

@@ -12,7 +12,7 @@
 
 use super::init::ParamInit;
 use super::layers::Linear;
-use super::llama::{CausalLm, KvCache, LayerGates};
+use super::llama::{grouped_attention, CausalLm, KvCache, LayerGates};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, softmax};
 use burn::tensor::IndexingUpdateOp;
@@ -256,8 +256,6 @@ impl<B: Backend> CausalLm<B> {
                     .rope
                     .tables(query_positions)
                     .apply(split(attn.q_proj.forward(x), attn.num_heads));
-                let k = attn.repeat_kv(keys.clone().slice(s![row..row + 1]));
-                let v = attn.repeat_kv(values.clone().slice(s![row..row + 1]));
                 // Through ints: selecting rows of a bool tensor loses its dtype on Flex.
                 let blocked = allowed
                     .clone()
@@ -265,11 +263,12 @@ impl<B: Backend> CausalLm<B> {
                     .int()
                     .select(2, at)
                     .equal_elem(0);
-                let scores = queries
-                    .matmul(k.swap_dims(2, 3))
-                    .mul_scalar((head_dim as f64).powf(-0.5))
-                    .mask_fill(blocked, f32::MIN);
-                let out = softmax(scores, 3).matmul(v); // [1, heads, picked, head_dim]
+                let out = grouped_attention(
+                    queries,
+                    keys.clone().slice(s![row..row + 1]),
+                    values.clone().slice(s![row..row + 1]),
+                    blocked,
+                ); // [1, heads, picked, head_dim]
                 let out = out
                     .swap_dims(1, 2)
                     .reshape([picked.len(), attn.num_heads * head_dim]);
