@@ -470,3 +470,20 @@ fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn mixed_device_kinds_are_refused() {
+    // Peers of two kinds of device would join two collectives: refused up front.
+    let output = sft_command(
+        &test_config(),
+        &scratch_dir("dp-mixed"),
+        &["--devices", "cpu,cuda:0"],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("mixes CPU and GPU"),
+        "{stderr}"
+    );
+}

@@ -111,6 +111,20 @@ fn run_on_each_device(
     } else {
         args.devices.clone()
     };
+    let specs = devices
+        .iter()
+        .map(|d| DeviceSpec::parse(d))
+        .collect::<Result<Vec<_>>>()?;
+    if specs
+        .iter()
+        .any(|s| std::mem::discriminant(s) != std::mem::discriminant(&specs[0]))
+    {
+        // Peers of different backends would join different collectives and wait forever.
+        bail!(
+            "--devices {} mixes CPU and GPU devices: a run uses one kind",
+            devices.join(",")
+        );
+    }
     let work = |device: &str| {
         let spec = DeviceSpec::parse(device)?.ensure_available()?;
         let run = RunSection {
