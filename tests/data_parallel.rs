@@ -22,6 +22,20 @@ fn peer_fingerprints(stdout: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A run of two peers through `stages` trainers printed both peers' weights after each one,
+/// and they were the same.
+fn assert_two_peers_agree(output: &Output, stages: usize) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let prints = peer_fingerprints(&stdout);
+    assert_eq!(prints.len(), 2 * stages, "{stdout}");
+    for stage in prints.chunks(2) {
+        assert_eq!(
+            stage[0].1, stage[1].1,
+            "peers ended on different weights: {stage:?}"
+        );
+    }
+}
+
 fn max_weight_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -70,10 +84,7 @@ fn assert_matches_one_peer_with_the_doubled_batch(two: &std::path::Path, scratch
 fn two_peers_match_one_peer_with_the_doubled_batch() {
     let two = scratch_dir("dp-two-peers");
     let output = run_to_end(sft_command(&test_config(), &two, &TWO_PEERS));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let prints = peer_fingerprints(&stdout);
-    assert_eq!(prints.len(), 2, "{stdout}");
-    assert_eq!(prints[0].1, prints[1].1, "peers ended on different weights");
+    assert_two_peers_agree(&output, 1);
 
     assert_matches_one_peer_with_the_doubled_batch(&two, "dp-one-peer");
     // Only the leader writes the run's files; the other peer keeps its own metrics apart.
@@ -125,13 +136,7 @@ fn killed_two_peer_run_resumes_to_the_same_end() {
 fn skipgpt_stages_on_two_peers_agree() {
     let run = scratch_dir("dp-skipgpt");
     let output = run_to_end(skipgpt_command(&run, &TWO_CPUS));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    // Pretrain, router and LoRA stages: each ends with both peers on the same weights.
-    let prints = peer_fingerprints(&stdout);
-    assert_eq!(prints.len(), 6, "{stdout}");
-    for stage in prints.chunks(2) {
-        assert_eq!(stage[0].1, stage[1].1, "peers disagree: {stage:?}");
-    }
+    assert_two_peers_agree(&output, 3); // pre-training, router and LoRA stages
     assert!(run.join("summary.json").exists() && run.join("lora/final/config.json").exists());
     assert!(!run.join("peers/1/summary.json").exists());
 }
@@ -421,10 +426,7 @@ fn a_peer_with_nothing_to_train_on_sends_zero_gradients() {
 fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
     let straight = scratch_dir("dp-onpolicy-straight");
     let output = run_to_end(onpolicy_command(&straight, &TWO_CPUS));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let prints = peer_fingerprints(&stdout);
-    assert_eq!(prints.len(), 2, "{stdout}");
-    assert_eq!(prints[0].1, prints[1].1, "peers ended on different weights");
+    assert_two_peers_agree(&output, 1);
     assert!(
         straight.join("summary.md").exists() && straight.join("final/model.safetensors").exists()
     );
