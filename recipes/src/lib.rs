@@ -125,22 +125,22 @@ fn run_on_each_device(
             devices.join(",")
         );
     }
-    let work = |device: &str| {
-        let spec = DeviceSpec::parse(device)?.ensure_available()?;
+    for spec in &specs {
+        spec.ensure_available()?;
+    }
+    let work = |index: usize| {
         let run = RunSection {
-            device: device.to_string(),
+            device: devices[index].clone(),
             ..run.clone()
         };
-        work(run, spec)
+        work(run, specs[index])
     };
     if !args.is_data_parallel() {
-        return work(&devices[0]);
+        return work(0);
     }
     std::thread::scope(|scope| {
-        let peers: Vec<_> = devices
-            .iter()
-            .enumerate()
-            .map(|(local_rank, device)| {
+        let peers: Vec<_> = (0..devices.len())
+            .map(|local_rank| {
                 let peer = Peer::new(local_rank, devices.len(), args.cluster.as_ref());
                 let rank = peer.rank();
                 let work = &work;
@@ -150,7 +150,7 @@ fn run_on_each_device(
                     .stack_size(64 << 20)
                     .spawn_scoped(scope, move || {
                         let outcome = distributed::run_as(peer, || {
-                            let outcome = work(device);
+                            let outcome = work(local_rank);
                             if outcome.is_ok() {
                                 distributed::leave();
                             }

@@ -204,8 +204,7 @@ pub fn register<B: Backend>(peer: &Peer, device: &B::Device) -> Result<()> {
         )
     })?;
     if peer.cluster.is_some() {
-        let joined = all_reduce_sum(peer, Tensor::<B, 1>::ones([1], device))?.into_scalar();
-        let joined = joined.elem::<f32>().round() as usize;
+        let joined = sum_values::<B>(peer, &[1.0], device)?[0].round() as usize;
         if joined != peer.world() {
             bail!(
                 "{joined} peers joined, but this node expected {} ({} per node): start every \
@@ -230,16 +229,21 @@ pub fn leave() {
 /// Waits until every peer has reached this point (e.g. the leader has written a file the
 /// others read next).
 pub fn barrier<B: Backend>(peer: &Peer, device: &B::Device) -> Result<()> {
-    all_reduce_sum(peer, Tensor::<B, 1>::zeros([1], device)).map(|_| ())
+    sum_values::<B>(peer, &[0.0], device).map(|_| ())
 }
 
-/// The value each peer passed, in rank order (one all-reduce of a one-hot vector; exact
-/// for integers below 2^24).
+/// The element-wise sum of a few host numbers (counts, votes) over all peers; exact for
+/// integers below 2^24.
+pub fn sum_values<B: Backend>(peer: &Peer, values: &[f32], device: &B::Device) -> Result<Vec<f32>> {
+    let summed = all_reduce_sum(peer, Tensor::<B, 1>::from_floats(values, device))?;
+    Ok(summed.into_data().convert::<f32>().to_vec()?)
+}
+
+/// The value each peer passed, in rank order (the sum of one-hot vectors).
 pub fn gather_scalar<B: Backend>(peer: &Peer, value: f32, device: &B::Device) -> Result<Vec<f32>> {
     let mut slots = vec![0.0; peer.world()];
     slots[peer.rank()] = value;
-    let gathered = all_reduce_sum(peer, Tensor::<B, 1>::from_floats(slots.as_slice(), device))?;
-    Ok(gathered.into_data().convert::<f32>().to_vec()?)
+    sum_values::<B>(peer, &slots, device)
 }
 
 /// Serves Burn's global orchestrator until Ctrl-C: nodes of a multi-machine run register with

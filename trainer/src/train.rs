@@ -271,14 +271,17 @@ fn input_tokens(micro_batches: &[TokenBatch]) -> usize {
         .sum()
 }
 
-/// SHA-256 over every parameter's f32 bytes, in name order.
+/// SHA-256 over every parameter's name and f32 bytes, in name order (hashed tensor by
+/// tensor: no second copy of the model in memory).
 pub fn weights_fingerprint<B: Backend, M: Module<B>>(model: &M) -> String {
-    let mut bytes = Vec::new();
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
     for (name, tensor) in named_tensors(model) {
-        bytes.extend_from_slice(name.as_bytes());
-        bytes.extend(tensor.data.iter().flat_map(|v| v.to_le_bytes()));
+        hasher.update(name.as_bytes());
+        let bytes: Vec<u8> = tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        hasher.update(&bytes);
     }
-    checkpoints::run_checkpoints::sha256_hex(&bytes)
+    checkpoints::run_checkpoints::hex(&hasher.finalize())
 }
 
 /// Where a micro-batch sits in its step, so an objective can scale its loss: the losses of
@@ -591,11 +594,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let device = self.model.device();
         if self.peer.is_distributed() {
             // The loss is a token mean over the global batch: every peer divides by its total.
-            let count = Tensor::<B::InnerBackend, 1>::from_floats([total_targets as f32], &device);
-            let summed: f32 = distributed::all_reduce_sum(&self.peer, count)?
-                .into_scalar()
-                .elem();
-            total_targets = summed.round() as usize;
+            total_targets = self.sum_over_peers(&[total_targets as f64])?[0].round() as usize;
         }
         if total_targets == 0 {
             bail!(
@@ -719,16 +718,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Ok(values.to_vec());
         }
         let local: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        let device = self.model.device();
-        let local = Tensor::<B::InnerBackend, 1>::from_floats(local.as_slice(), &device);
-        let summed = distributed::all_reduce_sum(&self.peer, local)?;
-        Ok(summed
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()?
-            .into_iter()
-            .map(f64::from)
-            .collect())
+        let summed =
+            distributed::sum_values::<B::InnerBackend>(&self.peer, &local, &self.model.device())?;
+        Ok(summed.into_iter().map(f64::from).collect())
     }
 
     /// Counts a step that had nothing to train on (on-policy SFT with no correct sample):
