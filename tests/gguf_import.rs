@@ -17,6 +17,8 @@ use trainer::sampling::SamplingParams;
 use trainer::{CausalLm, Cpu};
 
 const LOGIT_TOLERANCE: f32 = 1e-3;
+/// Top logits this close may be ordered either way by another CPU's rounding.
+const TIE: f32 = 4.0 * LOGIT_TOLERANCE;
 
 fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/gguf").join(name)
@@ -117,7 +119,11 @@ fn check_against_reference(model_dir: &Path, reference: &Value) {
         let argmax = (0..vocab)
             .max_by(|&a, &b| row[a].total_cmp(&row[b]))
             .unwrap();
-        assert_eq!(argmax as u32, top_ids[position][0], "position {position}");
+        let their_top = top_ids[position][0] as usize;
+        assert!(
+            argmax == their_top || row[argmax] - row[their_top] <= TIE,
+            "position {position}: our top token {argmax}, theirs {their_top}, not a near-tie"
+        );
     }
 
     let greedy = ids(&reference["greedy_ids"]);
@@ -131,8 +137,15 @@ fn check_against_reference(model_dir: &Path, reference: &Value) {
         stop_tokens: vec![],
         pad_id: tokenizer.pad_id(),
     };
-    let generated = generate(&model, &[prompt], &config).unwrap();
-    assert_eq!(generated.tokens[0], greedy, "greedy continuation");
+    let generated = generate(&model, std::slice::from_ref(&prompt), &config).unwrap();
+    assert_greedy_agrees(
+        &model,
+        &prompt,
+        &generated.tokens[0],
+        &greedy,
+        TIE,
+        "greedy continuation",
+    );
 }
 
 #[test]

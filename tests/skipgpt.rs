@@ -277,8 +277,12 @@ fn all_stages_run_report_and_export_through_the_binary() {
     let model = CausalLm::<Cpu>::load(&final_dir, &Default::default()).unwrap();
     assert!(model.config.skip_routers);
 
-    // A second run reuses the finished stages.
+    // Running again into the folder needs --resume, which reuses the finished stages.
     let output = skipgpt_command(&run_dir, &[]).output().unwrap();
+    assert!(!output.status.success());
+    let output = skipgpt_command(&run_dir, &["--resume", "auto"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success());
     assert!(stdout.contains("router stage: reusing"), "{stdout}");

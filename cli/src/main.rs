@@ -4,12 +4,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use datasets::synthetic::{arithmetic_pairs, Style};
 use datasets::{ChatMessage, TextTokenizer};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::distributed::Cluster;
 use trainer::export::export_checkpoint;
-use trainer::generate::{generate, GenerationConfig};
+use trainer::generate::{generate_streaming, GenerationConfig};
 use trainer::sampling::SamplingParams;
 use trainer::train::Resume;
 use trainer::{with_backend, CausalLm};
@@ -76,9 +77,9 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// 0 means greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -100,6 +101,10 @@ struct RecipeCommand {
     /// `auto` (newest valid checkpoint of the run folder) or a checkpoint folder.
     #[arg(long)]
     resume: Option<String>,
+    /// Start over in a run folder that holds an earlier run: its contents are moved to a
+    /// sibling folder RUN.old-N first (nothing is deleted).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// One stage of a multi-stage recipe (skipgpt: `router` or `lora`).
     #[arg(long)]
     stage: Option<String>,
@@ -154,6 +159,9 @@ struct ExportSource {
 struct ExportArgs {
     #[command(flatten)]
     source: ExportSource,
+    /// A PEFT LoRA adapter folder to merge into `--model` (written again to OUT/adapter).
+    #[arg(long, requires = "model")]
+    adapter: Option<PathBuf>,
     /// Folder to write.
     #[arg(long)]
     out: PathBuf,
@@ -186,6 +194,7 @@ fn run(cli: Cli) -> Result<()> {
                 config,
                 overrides: args.overrides,
                 resume: Resume::parse(args.resume.as_deref()),
+                overwrite: args.overwrite,
                 stage: args.stage,
                 devices: args
                     .devices
@@ -230,6 +239,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => {
             let dtype = checkpoints::StoreDtype::parse(&args.dtype)?;
             match (args.source.model, args.source.checkpoint) {
+                (Some(model_dir), _) if args.adapter.is_some() => {
+                    let adapter = args.adapter.as_deref().expect("checked");
+                    trainer::export::export_peft_adapter(&model_dir, adapter, &args.out, dtype)?
+                }
                 (Some(model_dir), _) => {
                     let model = CausalLm::<trainer::Cpu>::load(&model_dir, &Default::default())?;
                     model.save(&args.out, dtype, Some(&model_dir))?;
@@ -262,6 +275,15 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
+    use trainer::config::{ensure, ensure_non_negative, ensure_probability};
+    ensure(
+        args.max_new_tokens >= 1,
+        "--max-new-tokens",
+        args.max_new_tokens,
+        "at least 1",
+    )?;
+    ensure_non_negative("--temperature", args.temperature as f64)?;
+    ensure_probability("--top-p", args.top_p as f64)?;
     let device = DeviceSpec::parse(&args.device)?.ensure_available()?;
     let tokenizer = TextTokenizer::from_folder(&args.model)?;
     let text = if args.chat {
@@ -276,8 +298,18 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             .with_context(|| format!("loading {}", args.model.display()))?;
         let mut stop_tokens = model.config.eos_token_ids.clone();
         stop_tokens.extend(tokenizer.stop_ids());
+        let room = trainer::generate::room_for_new_tokens(&model, std::slice::from_ref(&prompt))?;
+        if args.max_new_tokens > room {
+            eprintln!(
+                "warning: --max-new-tokens {} is more than the model's context leaves after the \
+                 prompt ({} of {} positions taken): generating at most {room}",
+                args.max_new_tokens,
+                prompt.len(),
+                model.config.max_position_embeddings
+            );
+        }
         let config = GenerationConfig {
-            max_new_tokens: args.max_new_tokens,
+            max_new_tokens: args.max_new_tokens.min(room),
             sampling: SamplingParams {
                 temperature: args.temperature,
                 top_p: args.top_p,
@@ -287,9 +319,33 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             pad_id: tokenizer.pad_id(),
         };
         let start = Instant::now();
-        let generated = generate(&model, &[prompt], &config)?;
+        // Streamed: each token's text is printed as soon as it is chosen (decoded with the
+        // tokens before it, since one character may span several byte-level tokens).
+        let mut tokens = Vec::new();
+        let mut printed = String::new();
+        let mut stdout = std::io::stdout();
+        let generated = generate_streaming(&model, &[prompt], &config, |_, token| {
+            tokens.push(token);
+            if let Ok(text) = tokenizer.decode(&tokens, true) {
+                if let Some(new) = text
+                    .strip_prefix(printed.as_str())
+                    .filter(|t| !t.contains('\u{fffd}'))
+                {
+                    let _ = write!(stdout, "{new}");
+                    let _ = stdout.flush();
+                    printed = text;
+                }
+            }
+        })?;
         let seconds = start.elapsed().as_secs_f64();
-        println!("{}", tokenizer.decode(&generated.tokens[0], true)?);
+        let text = tokenizer.decode(&generated.tokens[0], true)?;
+        println!("{}", text.strip_prefix(printed.as_str()).unwrap_or(""));
+        if generated.tokens[0].len() == room && !generated.stopped[0] {
+            eprintln!(
+                "[stopped at the model's context length, {} positions]",
+                model.config.max_position_embeddings
+            );
+        }
         eprintln!(
             "[{} tokens in {seconds:.2}s, {:.1} tokens/s]",
             generated.num_tokens(),

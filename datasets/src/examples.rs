@@ -49,6 +49,15 @@ impl TokenRow {
         self.tokens.is_empty()
     }
 
+    /// Cuts the row to `length` tokens; says whether anything was cut.
+    pub fn truncate(&mut self, length: usize) -> bool {
+        let cut = self.tokens.len() > length;
+        self.tokens.truncate(length);
+        self.loss_mask.truncate(length);
+        self.segment.truncate(length);
+        cut
+    }
+
     /// Number of targets when training on this row (the first token is never one).
     pub fn num_targets(&self) -> usize {
         self.loss_mask.iter().skip(1).filter(|&&m| m).count()
@@ -146,9 +155,7 @@ pub fn tokenize_record(
             }
         }
     }
-    row.tokens.truncate(max_length);
-    row.loss_mask.truncate(max_length);
-    row.segment.truncate(max_length);
+    row.truncate(max_length);
     Ok(row)
 }
 

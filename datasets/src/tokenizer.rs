@@ -33,6 +33,9 @@ impl TextTokenizer {
     /// chat template) or `chat_template.jinja` from a model folder.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
+        if !dir.is_dir() {
+            bail!("model folder {} does not exist", dir.display());
+        }
         if !path.exists() {
             bail!("{} has no tokenizer.json", dir.display());
         }

@@ -5,6 +5,7 @@ use burn::prelude::*;
 use datasets::{TextTokenizer, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use trainer::config::{ensure, ensure_count, ensure_positive, key, Validate};
 use trainer::export::RUN_TOKENIZER_DIR;
 use trainer::model::init::ParamInit;
 use trainer::model::layers::Precision;
@@ -62,6 +63,39 @@ pub struct ScratchModel {
 
 fn default_init_std() -> f32 {
     0.02
+}
+
+impl Validate for ModelSection {
+    fn validate(&self, prefix: &str) -> Result<()> {
+        let Some(shape) = &self.scratch else {
+            return Ok(());
+        };
+        let k = |field: &str| key(&key(prefix, "scratch"), field);
+        for (field, value) in [
+            ("hidden_size", shape.hidden_size),
+            ("num_hidden_layers", shape.num_hidden_layers),
+            ("num_attention_heads", shape.num_attention_heads),
+            ("num_key_value_heads", shape.num_key_value_heads),
+            ("intermediate_size", shape.intermediate_size),
+        ] {
+            ensure_count(&k(field), value as u64)?;
+        }
+        ensure(
+            shape.hidden_size.is_multiple_of(shape.num_attention_heads),
+            &k("hidden_size"),
+            shape.hidden_size,
+            "a multiple of num_attention_heads",
+        )?;
+        ensure(
+            shape
+                .num_attention_heads
+                .is_multiple_of(shape.num_key_value_heads),
+            &k("num_key_value_heads"),
+            shape.num_key_value_heads,
+            "a divisor of num_attention_heads",
+        )?;
+        ensure_positive(&k("init_std"), shape.init_std as f64)
+    }
 }
 
 /// A model, its tokenizer, and the folder the tokenizer files came from.
@@ -123,10 +157,7 @@ pub fn prepare_run_dir(run_dir: &Path, resolved: &toml::Table, tokenizer_dir: &P
     }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    checkpoints::atomic::write_file(
-        &run_dir.join("config.toml"),
-        trainer::config::to_toml(resolved).as_bytes(),
-    )?;
+    trainer::run_dir::write_config(run_dir, &trainer::config::to_toml(resolved))?;
     let copy = run_dir.join(RUN_TOKENIZER_DIR);
     std::fs::create_dir_all(&copy)?;
     for file in [

@@ -22,6 +22,8 @@ pub struct RecipeArgs {
     pub config: PathBuf,
     pub overrides: Vec<String>,
     pub resume: Resume,
+    /// `--overwrite`: move an earlier run in the run folder aside and start over.
+    pub overwrite: bool,
     /// `--stage`: run one stage of a multi-stage recipe.
     pub stage: Option<String>,
     /// `--devices`: one data-parallel peer per device (empty: the config's one device).
@@ -128,6 +130,17 @@ fn run_on_each_device(
     for spec in &specs {
         spec.ensure_available()?;
     }
+    // The leading node owns the run folder for the whole run (other nodes only read it, or
+    // write their own peers/N).
+    let leads = args.cluster.as_ref().is_none_or(|c| c.node_rank == 0);
+    let _lock = match leads {
+        true => Some(trainer::run_dir::claim(
+            &run.dir,
+            &args.resume,
+            args.overwrite,
+        )?),
+        false => None,
+    };
     let work = |index: usize| {
         let run = RunSection {
             device: devices[index].clone(),

@@ -13,7 +13,7 @@
 //! synthetic task's verbose solutions; otherwise `[model]` names the base.
 
 use crate::common::{prepare_run_dir, ModelSection, RunSection};
-use crate::sft::{train_stage, SftStage, StageContext};
+use crate::sft::{train_stage, DataReport, SftStage, StageContext};
 use crate::verify::{Judged, Verifier, VerifierConfig};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use trainer::config::{ensure_count, ensure_non_negative, ensure_probability, Validate};
 use trainer::generate::{generate, GenerationConfig};
 use trainer::lora::LoraConfig;
 use trainer::progress::Progress;
@@ -47,6 +48,45 @@ pub struct OnPolicyConfig {
 }
 
 /// Plain SFT on `count` verbose solutions of the synthetic task before on-policy training.
+impl Validate for OnPolicyConfig {
+    fn validate(&self, _: &str) -> Result<()> {
+        self.model.validate("model")?;
+        if let Some(warmup) = &self.warmup {
+            ensure_count("warmup.count", warmup.count)?;
+            ensure_at_least("warmup.max_length", warmup.max_length, 2)?;
+            warmup.train.validate("warmup.train")?;
+        }
+        ensure_count("task.train_count", self.task.train_count as u64)?;
+        let sampling = &self.sampling;
+        ensure_count(
+            "sampling.prompts_per_step",
+            sampling.prompts_per_step as u64,
+        )?;
+        ensure_count(
+            "sampling.samples_per_prompt",
+            sampling.samples_per_prompt as u64,
+        )?;
+        ensure_count(
+            "sampling.max_response_tokens",
+            sampling.max_response_tokens as u64,
+        )?;
+        ensure_non_negative("sampling.temperature", sampling.temperature as f64)?;
+        ensure_probability("sampling.top_p", sampling.top_p as f64)?;
+        ensure_count("eval.max_new_tokens", self.eval.max_new_tokens as u64)?;
+        ensure_count("eval.batch_size", self.eval.batch_size as u64)?;
+        self.train.validate("train")?;
+        match &self.lora {
+            Some(lora) => lora.validate("lora"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// At least `min`.
+fn ensure_at_least(key: &str, value: usize, min: usize) -> Result<()> {
+    trainer::config::ensure(value >= min, key, value, &format!("at least {min}"))
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WarmupSection {
@@ -391,16 +431,18 @@ fn warm_up<B: AutodiffBackend>(
         warmup.count,
         Style::Verbose,
     );
-    let mut rows = Vec::with_capacity(pairs.len());
+    let mut full_rows = Vec::with_capacity(pairs.len());
     for (prompt, response) in &pairs {
         let (prompt, answer) =
             prompt_and_response(tokenizer, config.task.template, prompt, response)?;
-        let mut row = response_row(&prompt, &answer);
-        row.tokens.truncate(warmup.max_length);
-        row.loss_mask.truncate(warmup.max_length);
-        row.segment.truncate(warmup.max_length);
-        rows.push(row);
+        full_rows.push(response_row(&prompt, &answer));
     }
+    let (rows, report) = DataReport::cut_and_count(
+        "warm-up (built-in arithmetic)",
+        full_rows,
+        warmup.max_length,
+    );
+    DataReport::write_all(&config.run.dir.join("warmup"), &[report])?;
     let stage = SftStage {
         name: "warm-up (plain SFT on verbose solutions)",
         dir: config.run.dir.join("warmup"),

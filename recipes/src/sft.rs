@@ -9,6 +9,7 @@ use datasets::{EpochSampler, Template, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use trainer::config::{ensure, key, Validate};
 use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::train::{evaluate_loss, Next, Resume, TrainConfig, Trainer};
@@ -22,6 +23,29 @@ pub struct SftConfig {
     pub data: DataSection,
     pub train: TrainConfig,
     pub lora: Option<LoraConfig>,
+}
+
+impl Validate for SftConfig {
+    fn validate(&self, _: &str) -> Result<()> {
+        self.model.validate("model")?;
+        self.data.validate("data")?;
+        self.train.validate("train")?;
+        match &self.lora {
+            Some(lora) => lora.validate("lora"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Validate for DataSection {
+    fn validate(&self, prefix: &str) -> Result<()> {
+        ensure(
+            self.max_length >= 2,
+            &key(prefix, "max_length"),
+            self.max_length,
+            "at least 2 (a token to predict from and one to predict)",
+        )
+    }
 }
 
 fn plain() -> Template {
@@ -45,15 +69,77 @@ pub struct DataSection {
     pub packing: bool,
 }
 
+/// What tokenization did to a data set's records: said at loading and kept in the run folder
+/// (`data_report.json`), so that no record disappears without a count.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DataReport {
+    /// The file, or the built-in set, the records came from.
+    pub source: String,
+    pub records: usize,
+    /// Cut to `max_length` tokens (their end, usually part of the response, is not trained on).
+    pub truncated: usize,
+    /// Left out: no response token within `max_length`.
+    pub dropped: usize,
+}
+
+impl DataReport {
+    /// Cuts `rows` to `max_length` and leaves out those with nothing to train on, counting
+    /// both, and says so.
+    pub fn cut_and_count(
+        source: &str,
+        rows: impl IntoIterator<Item = TokenRow>,
+        max_length: usize,
+    ) -> (Vec<TokenRow>, Self) {
+        let mut report = Self {
+            source: source.to_string(),
+            ..Self::default()
+        };
+        let mut kept = Vec::new();
+        for mut row in rows {
+            report.records += 1;
+            report.truncated += row.truncate(max_length) as usize;
+            if row.num_targets() == 0 {
+                report.dropped += 1;
+            } else {
+                kept.push(row);
+            }
+        }
+        leader_println!(
+            "data: {source}: {} records, {} cut to max_length = {max_length}, {} dropped (no \
+             response token within max_length)",
+            report.records,
+            report.truncated,
+            report.dropped
+        );
+        (kept, report)
+    }
+
+    /// Writes `reports` to `dir/data_report.json` (the leading peer only).
+    pub fn write_all(dir: &Path, reports: &[DataReport]) -> Result<()> {
+        if !trainer::distributed::current_peer().is_leader() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)?;
+        checkpoints::atomic::write_file(
+            &dir.join("data_report.json"),
+            &serde_json::to_vec_pretty(reports)?,
+        )
+    }
+}
+
+/// Tokenized records of a file (cut to `max_length`; rows with nothing to train on are left
+/// out and counted).
 fn tokenize_file(
     path: &std::path::Path,
     tokenizer: &datasets::TextTokenizer,
     data: &DataSection,
-) -> Result<Vec<TokenRow>> {
-    datasets::records::load_records(path)?
+) -> Result<(Vec<TokenRow>, DataReport)> {
+    let rows = datasets::records::load_records(path)?
         .iter()
-        .map(|record| tokenize_record(tokenizer, data.template, record, data.max_length))
-        .collect()
+        .map(|record| tokenize_record(tokenizer, data.template, record, usize::MAX))
+        .collect::<Result<Vec<_>>>()?;
+    let source = path.display().to_string();
+    Ok(DataReport::cut_and_count(&source, rows, data.max_length))
 }
 
 pub fn run<B: AutodiffBackend>(
@@ -66,9 +152,15 @@ pub fn run<B: AutodiffBackend>(
     let loaded = config.model.load::<B>(&config.run, &device)?;
     let pad_id = loaded.tokenizer.pad_id();
 
-    let mut rows = tokenize_file(&config.data.train, &loaded.tokenizer, &config.data)?;
+    let (mut rows, train_report) =
+        tokenize_file(&config.data.train, &loaded.tokenizer, &config.data)?;
+    let mut reports = vec![train_report];
     let eval_rows = match &config.data.eval {
-        Some(path) => tokenize_file(path, &loaded.tokenizer, &config.data)?,
+        Some(path) => {
+            let (rows, report) = tokenize_file(path, &loaded.tokenizer, &config.data)?;
+            reports.push(report);
+            rows
+        }
         None => rows.split_off(rows.len().saturating_sub(config.data.eval_count)),
     };
     if config.data.packing {
@@ -84,6 +176,7 @@ pub fn run<B: AutodiffBackend>(
     let eval_batches = batches_in_order(&eval_rows, config.train.batch_size, pad_id);
 
     prepare_run_dir(&config.run.dir, resolved, &loaded.tokenizer_dir)?;
+    DataReport::write_all(&config.run.dir, &reports)?;
     let (mut trainer, saved) = Trainer::start(
         loaded.model,
         config.train.clone(),

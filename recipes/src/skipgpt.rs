@@ -33,6 +33,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use trainer::config::{
+    ensure, ensure_count, ensure_fraction, ensure_non_negative, ensure_positive,
+    ensure_probability, Validate,
+};
 use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::loss::token_nll_sum;
@@ -56,6 +60,46 @@ pub struct SkipGptConfig {
     pub stages: Vec<Stage>,
     #[serde(default = "eight")]
     pub eval_batch_size: usize,
+}
+
+impl Validate for SkipGptConfig {
+    fn validate(&self, _: &str) -> Result<()> {
+        self.model.validate("model")?;
+        ensure(
+            self.corpus.seq_len >= 2,
+            "corpus.seq_len",
+            self.corpus.seq_len,
+            "at least 2",
+        )?;
+        ensure_probability("corpus.eval_fraction", self.corpus.eval_fraction)?;
+        if let Some(pretrain) = &self.pretrain {
+            pretrain.validate("pretrain")?;
+        }
+        let router = &self.router;
+        ensure_fraction("router.sparsity", router.sparsity)?;
+        ensure_non_negative("router.lambda", router.lambda)?;
+        ensure_positive("router.temperature_start", router.temperature_start)?;
+        ensure_positive("router.temperature_end", router.temperature_end)?;
+        for (i, at) in router.noise_fade.iter().enumerate() {
+            ensure(
+                (0.0..=1.0).contains(at),
+                &format!("router.noise_fade[{i}]"),
+                at,
+                "in [0, 1]",
+            )?;
+        }
+        ensure(
+            router.noise_fade[0] <= router.noise_fade[1],
+            "router.noise_fade",
+            format!("{:?}", router.noise_fade),
+            "[start, end] with start <= end",
+        )?;
+        ensure_probability("router.curriculum_step", router.curriculum_step)?;
+        router.train.validate("router.train")?;
+        self.lora.adapter.validate("lora.adapter")?;
+        self.lora.train.validate("lora.train")?;
+        ensure_count("eval_batch_size", self.eval_batch_size as u64)
+    }
 }
 
 fn both_stages() -> Vec<Stage> {
@@ -418,17 +462,19 @@ fn router_stage<B: AutodiffBackend>(
     Ok(Some(exported))
 }
 
-/// Every stage resumes from its newest checkpoint and a finished stage is reused, so
-/// `--resume` needs no argument here.
+/// With `--resume auto` (needed for a run folder that holds an earlier run) every stage
+/// resumes from its newest checkpoint and a finished stage is reused.
 pub fn run<B: AutodiffBackend>(
     config: SkipGptConfig,
     resolved: &toml::Table,
     device: B::Device,
 ) -> Result<()> {
-    if !(0.0..1.0).contains(&config.router.sparsity) {
+    let router_dir = config.run.dir.join("router").join("final");
+    let lora_only = config.stages.contains(&Stage::Lora) && !config.stages.contains(&Stage::Router);
+    if lora_only && !router_dir.join("config.json").exists() {
         bail!(
-            "router.sparsity must be in [0, 1), got {}",
-            config.router.sparsity
+            "stage lora needs the routed model {}: run `--stage router` first",
+            router_dir.display()
         );
     }
     let seed = config.run.seed;
@@ -471,7 +517,6 @@ pub fn run<B: AutodiffBackend>(
         None => loaded.model,
     };
 
-    let router_dir = config.run.dir.join("router").join("final");
     if config.stages.contains(&Stage::Router)
         && router_stage(base.clone(), &rows, &eval_batches, &config, &context)?.is_none()
     {
@@ -479,12 +524,6 @@ pub fn run<B: AutodiffBackend>(
     }
     let lora_dir = config.run.dir.join("lora").join("final");
     if config.stages.contains(&Stage::Lora) {
-        if !router_dir.join("config.json").exists() {
-            bail!(
-                "stage lora needs the routed model {}: run `--stage router` first",
-                router_dir.display()
-            );
-        }
         let routed = config.run.load_model::<B>(&router_dir, &device)?;
         let stage = SftStage {
             name: "lora stage (routers frozen)",

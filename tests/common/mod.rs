@@ -161,3 +161,52 @@ pub fn loss_curve(run_dir: &Path) -> Vec<(u64, f64)> {
         })
         .collect()
 }
+
+/// Logits of the last position of `tokens` (one unpadded row).
+pub fn last_logits(model: &trainer::CausalLm<trainer::Cpu>, tokens: &[u32]) -> Vec<f32> {
+    use trainer::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
+    let device = Default::default();
+    let batch = PaddedBatch::left_padded(&[tokens.to_vec()], 0);
+    let logits: Vec<f32> = model
+        .forward(
+            token_tensor(&batch.tokens, &device),
+            int_tensor(&batch.positions(), &device),
+            causal_mask(&batch.valid, batch.width(), &device),
+        )
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let vocab = model.config.vocab_size;
+    logits[logits.len() - vocab..].to_vec()
+}
+
+/// Greedy decoding computed elsewhere (a reference made by `transformers` on another CPU)
+/// agrees with ours up to near-ties: where the two first differ, our logits for both tokens
+/// must lie within `tie` of each other, since rounding on another machine may pick either.
+/// What follows a tie is not compared (the two continue from different text). Returns how
+/// many tokens matched.
+pub fn assert_greedy_agrees(
+    model: &trainer::CausalLm<trainer::Cpu>,
+    prompt: &[u32],
+    ours: &[u32],
+    theirs: &[u32],
+    tie: f32,
+    what: &str,
+) -> usize {
+    assert_eq!(ours.len(), theirs.len(), "{what}: lengths differ");
+    let Some(at) = ours.iter().zip(theirs).position(|(a, b)| a != b) else {
+        return ours.len();
+    };
+    let context: Vec<u32> = prompt.iter().chain(&ours[..at]).copied().collect();
+    let logits = last_logits(model, &context);
+    let (a, b) = (logits[ours[at] as usize], logits[theirs[at] as usize]);
+    assert!(
+        (a - b).abs() <= tie,
+        "{what}: greedy token {at} is {} here and {} in the reference, and not a near-tie \
+         (logits {a} vs {b}); ours {ours:?}, reference {theirs:?}",
+        ours[at],
+        theirs[at]
+    );
+    eprintln!("{what}: near-tie at token {at} ({a} vs {b}); compared up to there");
+    at
+}

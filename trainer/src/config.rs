@@ -6,9 +6,72 @@ use serde::de::DeserializeOwned;
 use std::path::Path;
 use toml::{Table, Value};
 
+/// Range checks of a typed config, run before anything is loaded or trained. Each error names
+/// the key (`prefix.field`) and the allowed range.
+pub trait Validate {
+    /// `prefix` is where this section sits in the file (`train`, `warmup.train`).
+    fn validate(&self, prefix: &str) -> Result<()>;
+}
+
+/// `prefix.field`, or `field` at the top level.
+pub fn key(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+/// Fails with "`key` = value: must be allowed" unless `ok`.
+pub fn ensure(ok: bool, key: &str, value: impl std::fmt::Display, allowed: &str) -> Result<()> {
+    if !ok {
+        bail!("`{key}` = {value}: must be {allowed}");
+    }
+    Ok(())
+}
+
+/// A finite number greater than zero.
+pub fn ensure_positive(key: &str, value: f64) -> Result<()> {
+    ensure(
+        value.is_finite() && value > 0.0,
+        key,
+        value,
+        "a finite number > 0",
+    )
+}
+
+/// A finite number at least zero.
+pub fn ensure_non_negative(key: &str, value: f64) -> Result<()> {
+    ensure(
+        value.is_finite() && value >= 0.0,
+        key,
+        value,
+        "a finite number >= 0",
+    )
+}
+
+/// A count of at least one.
+pub fn ensure_count(key: &str, value: u64) -> Result<()> {
+    ensure(value >= 1, key, value, "at least 1")
+}
+
+/// A probability of keeping something: in (0, 1].
+pub fn ensure_probability(key: &str, value: f64) -> Result<()> {
+    ensure(value > 0.0 && value <= 1.0, key, value, "in (0, 1]")
+}
+
+/// A fraction in [0, 1) (dropout, sparsity).
+pub fn ensure_fraction(key: &str, value: f64) -> Result<()> {
+    ensure((0.0..1.0).contains(&value), key, value, "in [0, 1)")
+}
+
 /// Reads `path`, applies `overrides` (`a.b=value`, value in TOML syntax or a bare string),
-/// and deserializes into `T`. Returns the typed config and the resolved table.
-pub fn load_config<T: DeserializeOwned>(path: &Path, overrides: &[String]) -> Result<(T, Table)> {
+/// deserializes into `T` and checks its ranges. Returns the typed config and the resolved
+/// table.
+pub fn load_config<T: DeserializeOwned + Validate>(
+    path: &Path,
+    overrides: &[String],
+) -> Result<(T, Table)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
     let mut table: Table = toml::from_str(&text)
@@ -16,7 +79,10 @@ pub fn load_config<T: DeserializeOwned>(path: &Path, overrides: &[String]) -> Re
     for item in overrides {
         apply_override(&mut table, item).with_context(|| format!("--set {item}"))?;
     }
-    let config = typed(&table, &path.display().to_string())?;
+    let config: T = typed(&table, &path.display().to_string())?;
+    config
+        .validate("")
+        .with_context(|| format!("config {}", path.display()))?;
     Ok((config, table))
 }
 
@@ -86,6 +152,12 @@ mod tests {
     struct Outer {
         name: String,
         train: Inner,
+    }
+
+    impl Validate for Outer {
+        fn validate(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
     }
 
     fn write(text: &str) -> std::path::PathBuf {

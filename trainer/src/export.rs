@@ -47,13 +47,42 @@ pub fn export_checkpoint(checkpoint_dir: &Path, out: &Path, dtype: StoreDtype) -
         .and_then(Path::parent)
         .map(|run| run.join(RUN_TOKENIZER_DIR))
         .filter(|dir| dir.exists());
-    if let Some(lora_config) = &lora {
-        lora::save_peft_adapter(
-            &model,
-            lora_config,
-            &out.join("adapter"),
-            &out.display().to_string(),
-        )?;
+    let base_name = out.display().to_string();
+    write_export(
+        model,
+        lora.as_ref(),
+        out,
+        dtype,
+        tokenizer_dir.as_deref(),
+        &base_name,
+    )
+}
+
+/// Merges a PEFT adapter folder into the base model `base_dir` and writes the result to
+/// `out`, with the adapter as we write it in `out/adapter` (naming `base_dir` as its base).
+pub fn export_peft_adapter(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out: &Path,
+    dtype: StoreDtype,
+) -> Result<()> {
+    let base = CausalLm::<Cpu>::load(base_dir, &Default::default())?;
+    let (model, lora) = lora::load_peft_adapter(base, adapter_dir)?;
+    let base_name = base_dir.display().to_string();
+    write_export(model, Some(&lora), out, dtype, Some(base_dir), &base_name)
+}
+
+/// The merged model at `out` and, with LoRA, the adapter in the PEFT layout at `out/adapter`.
+fn write_export(
+    model: CausalLm<Cpu>,
+    lora: Option<&LoraConfig>,
+    out: &Path,
+    dtype: StoreDtype,
+    tokenizer_dir: Option<&Path>,
+    base_model_name: &str,
+) -> Result<()> {
+    if let Some(lora_config) = lora {
+        lora::save_peft_adapter(&model, lora_config, &out.join("adapter"), base_model_name)?;
     }
-    lora::merge(model).save(out, dtype, tokenizer_dir.as_deref())
+    lora::merge(model).save(out, dtype, tokenizer_dir)
 }

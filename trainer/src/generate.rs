@@ -31,16 +31,44 @@ impl Generated {
     }
 }
 
+/// New tokens that fit after the longest of `prompts` within the model's context
+/// (`max_position_embeddings`); an error names a prompt that leaves no room.
+pub fn room_for_new_tokens<B: Backend>(model: &CausalLm<B>, prompts: &[Vec<u32>]) -> Result<usize> {
+    let context = model.config.max_position_embeddings;
+    if let Some((i, prompt)) = prompts.iter().enumerate().find(|(_, p)| p.len() >= context) {
+        bail!(
+            "prompt {i} has {} tokens; the model's context (max_position_embeddings) is {context}, \
+             so no token can follow it",
+            prompt.len()
+        );
+    }
+    Ok(context - prompts.iter().map(Vec::len).max().unwrap_or(0))
+}
+
 /// Generates continuations of `prompts`. Sequence `i` samples from its own generator seeded
-/// by `(seed, i)`, so results are reproducible and independent of the batch size.
+/// by `(seed, i)`, so results are reproducible and independent of the batch size. Generation
+/// stops at the model's context length whatever `max_new_tokens` says.
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
 ) -> Result<Generated> {
+    generate_streaming(model, prompts, config, |_, _| {})
+}
+
+/// As [`generate`], calling `on_token(row, token)` for each new token as soon as it is chosen.
+pub fn generate_streaming<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Generated> {
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {i} is empty: generation needs at least one token to start from");
     }
+    let max_new_tokens = config
+        .max_new_tokens
+        .min(room_for_new_tokens(model, prompts)?);
     let device = model.device();
     let rows = prompts.len();
     let batch = PaddedBatch::left_padded(prompts, config.pad_id);
@@ -57,7 +85,7 @@ pub fn generate<B: Backend>(
         tokens: vec![vec![]; rows],
         stopped: vec![false; rows],
     };
-    if config.max_new_tokens == 0 || rows == 0 {
+    if max_new_tokens == 0 || rows == 0 {
         return Ok(out);
     }
 
@@ -68,7 +96,7 @@ pub fn generate<B: Backend>(
         causal_mask(&valid, batch.width(), &device),
         &mut cache,
     );
-    for step in 0..config.max_new_tokens {
+    for step in 0..max_new_tokens {
         let last = last_position_logits(logits);
         let vocab = last.len() / rows;
         let mut step_tokens = Vec::with_capacity(rows);
@@ -86,13 +114,14 @@ pub fn generate<B: Backend>(
             if !finished {
                 out.tokens[row].push(token);
                 out.stopped[row] = config.stop_tokens.contains(&token);
+                on_token(row, token);
             }
             // A finished row keeps running (batch shapes stay fixed) but its tokens are
             // invisible to attention.
             valid[row].push(!finished);
             step_tokens.push(vec![token]);
         }
-        if step + 1 == config.max_new_tokens || out.stopped.iter().all(|&s| s) {
+        if step + 1 == max_new_tokens || out.stopped.iter().all(|&s| s) {
             break;
         }
         let step_positions: Vec<Vec<i64>> = next_position.iter().map(|&p| vec![p]).collect();
@@ -209,6 +238,31 @@ mod tests {
             Some(p) => assert_eq!(stopped.tokens[1], free.tokens[1][..=p].to_vec()),
             None => assert_eq!(stopped.tokens[1], free.tokens[1]),
         }
+    }
+
+    #[test]
+    fn generation_stops_at_the_context_length_and_streams() {
+        let mut model = tiny_model();
+        model.config.max_position_embeddings = 8;
+        let mut streamed = vec![];
+        let out = generate_streaming(
+            &model,
+            &[vec![1, 2, 3]],
+            &config(100, SamplingParams::greedy()),
+            |row, token| streamed.push((row, token)),
+        )
+        .unwrap();
+        assert_eq!(
+            out.tokens[0].len(),
+            5,
+            "3 prompt tokens + 5 new fill the context of 8"
+        );
+        let tokens: Vec<u32> = streamed.iter().map(|&(_, t)| t).collect();
+        assert_eq!(tokens, out.tokens[0]);
+        let error = generate(&model, &[vec![1; 8]], &config(1, SamplingParams::greedy()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_position_embeddings"), "{error}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod progress;
+pub mod run_dir;
 pub mod sampling;
 pub mod schedule;
 pub mod train;

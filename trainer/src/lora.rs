@@ -1,18 +1,21 @@
 //! LoRA: low-rank adapters on linear layers chosen by name, merging for export, and the
 //! PEFT adapter layout (adapter_config.json + adapter_model.safetensors).
 
+use crate::config::{ensure, ensure_count, ensure_fraction, ensure_positive, key, Validate};
 use crate::model::layers::Lora;
 use crate::model::llama::CausalLm;
-use crate::weights::{named_tensors, to_host};
-use anyhow::{bail, Result};
+use crate::weights::{load_tensors, named_tensors, to_host};
+use anyhow::{bail, Context, Result};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use checkpoints::names::peft_key;
-use checkpoints::{atomic, write_safetensors, StoreDtype};
+use checkpoints::{atomic, write_safetensors, StoreDtype, WeightSource};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +28,20 @@ pub struct LoraConfig {
     /// Module names the adapters go on, matched against the end of each linear's path
     /// (`q_proj` matches `model.layers.3.self_attn.q_proj`), as PEFT's `target_modules`.
     pub targets: Vec<String>,
+}
+
+impl Validate for LoraConfig {
+    fn validate(&self, prefix: &str) -> Result<()> {
+        ensure_count(&key(prefix, "rank"), self.rank as u64)?;
+        ensure_positive(&key(prefix, "alpha"), self.alpha as f64)?;
+        ensure_fraction(&key(prefix, "dropout"), self.dropout as f64)?;
+        ensure(
+            !self.targets.is_empty(),
+            &key(prefix, "targets"),
+            "[]",
+            "a list of at least one module name",
+        )
+    }
 }
 
 /// Whether a parameter belongs to a LoRA adapter.
@@ -113,7 +130,7 @@ pub fn save_peft_adapter<B: Backend>(
         StoreDtype::F32,
         Some([("format".to_string(), "pt".to_string())].into()),
     )?;
-    let adapter_config = serde_json::json!({
+    let adapter_config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -131,6 +148,114 @@ pub fn save_peft_adapter<B: Backend>(
         &dir.join("adapter_config.json"),
         serde_json::to_string_pretty(&adapter_config)?.as_bytes(),
     )
+}
+
+/// The `[lora]` settings of a PEFT adapter folder's `adapter_config.json`. PEFT options that
+/// our adapters do not compute (rsLoRA scaling, DoRA, biases, fan-in-fan-out weights, extra
+/// saved modules, a regex `target_modules`) are refused by name rather than loaded wrongly.
+pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join("adapter_config.json");
+    let config = checkpoints::read_json(&path)?;
+    let field = |key: &str| config.get(key).filter(|v| !v.is_null());
+    let refuse = |what: String| anyhow::anyhow!("{}: {what}", path.display());
+    if field("peft_type").and_then(Value::as_str) != Some("LORA") {
+        return Err(refuse(format!(
+            "`peft_type` is {:?}, only LORA adapters can be read",
+            config.get("peft_type")
+        )));
+    }
+    for (key, allowed) in [
+        ("use_rslora", json!(false)),
+        ("use_dora", json!(false)),
+        ("fan_in_fan_out", json!(false)),
+        ("bias", json!("none")),
+    ] {
+        if let Some(value) = field(key).filter(|v| **v != allowed) {
+            return Err(refuse(format!(
+                "`{key}` = {value} is not supported (only {allowed})"
+            )));
+        }
+    }
+    for key in [
+        "modules_to_save",
+        "layers_to_transform",
+        "rank_pattern",
+        "alpha_pattern",
+    ] {
+        let empty = |v: &Value| v.as_object().is_some_and(|o| o.is_empty());
+        if let Some(value) = field(key).filter(|v| !empty(v)) {
+            return Err(refuse(format!("`{key}` = {value} is not supported")));
+        }
+    }
+    let rank = field("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| refuse("`r` missing or not a positive integer".into()))?;
+    let alpha = field("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| refuse("`lora_alpha` missing or not a number".into()))?;
+    let targets = match field("target_modules") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|t| t.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| refuse("`target_modules` holds a non-string".into()))?,
+        other => {
+            return Err(refuse(format!(
+                "`target_modules` must be a list of module names (got {other:?})"
+            )))
+        }
+    };
+    Ok(LoraConfig {
+        rank: rank as usize,
+        alpha: alpha as f32,
+        dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+        targets,
+    })
+}
+
+/// Attaches the adapter of a PEFT folder to `model`: every adapter tensor our targets expect
+/// must be in `adapter_model.safetensors` with its shape, and every tensor there must be used
+/// (saved base layers, as PEFT writes for `lm_head`, replace the model's weight).
+pub fn load_peft_adapter<B: Backend>(
+    model: CausalLm<B>,
+    dir: &Path,
+) -> Result<(CausalLm<B>, LoraConfig)> {
+    let config = read_peft_config(dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    let source = WeightSource::open(std::slice::from_ref(&file))?;
+    let mut used = BTreeSet::new();
+    let model = attach(model, &config, 0)?;
+    let model = load_tensors(model, |name| {
+        let key = if is_adapter_parameter(name) {
+            peft_key(name)
+        } else {
+            // PEFT saves the base weight of a targeted embedding-like layer (`lm_head`) too,
+            // as `...lm_head.base_layer.weight`; it replaces ours, as PEFT loads it.
+            let Some(layer) = name.strip_suffix(".weight") else {
+                return Ok(None);
+            };
+            let key = format!("base_model.model.{layer}.base_layer.weight");
+            if !source.contains(&key) {
+                return Ok(None);
+            }
+            key
+        };
+        if !source.contains(&key) {
+            bail!("tensor `{key}` is missing");
+        }
+        used.insert(key.clone());
+        source.get(&key).map(Some)
+    })
+    .with_context(|| format!("loading the adapter {}", file.display()))?;
+    let unused: Vec<&str> = source.names().filter(|n| !used.contains(*n)).collect();
+    if !unused.is_empty() {
+        bail!(
+            "{} holds tensors that no targeted layer of the model takes: {}",
+            file.display(),
+            unused.join(", ")
+        );
+    }
+    Ok((model, config))
 }
 
 /// Host copy of one linear's adapter matrices, for tests.

@@ -5,6 +5,7 @@
 //! A recipe owns its data and calls [`Trainer::train_step`] with the micro-batches of one
 //! update, then [`Trainer::end_of_step`] with its own resumable state (a data cursor).
 
+use crate::config::{ensure, ensure_count, ensure_non_negative, ensure_positive, key, Validate};
 use crate::distributed::{self, current_peer, Peer};
 use crate::lora::{self, LoraConfig};
 use crate::loss::token_nll_sum;
@@ -48,6 +49,9 @@ fn three() -> usize {
 }
 fn ten() -> u64 {
     10
+}
+fn default_divergence_factor() -> f64 {
+    100.0
 }
 
 /// The `[train]` table of every recipe config.
@@ -93,9 +97,54 @@ pub struct TrainConfig {
     /// When not empty, only parameters matching one of these patterns train.
     #[serde(default)]
     pub train_only: Vec<String>,
+    /// A step whose loss or gradient norm exceeds this many times its running median (over
+    /// the last 50 steps) stops the run as diverged, before the update; 0 turns it off.
+    #[serde(default = "default_divergence_factor")]
+    pub divergence_factor: f64,
     /// Stream metrics to Weights & Biases (`[train.wandb]`).
     #[serde(default)]
     pub wandb: Option<WandbConfig>,
+}
+
+impl Validate for TrainConfig {
+    fn validate(&self, prefix: &str) -> Result<()> {
+        let k = |field: &str| key(prefix, field);
+        ensure_count(&k("steps"), self.steps)?;
+        ensure_count(&k("batch_size"), self.batch_size as u64)?;
+        ensure_count(&k("grad_accum"), self.grad_accum as u64)?;
+        ensure_positive(&k("lr"), self.lr)?;
+        ensure_non_negative(&k("min_lr"), self.min_lr)?;
+        ensure(
+            self.min_lr <= self.lr,
+            &k("min_lr"),
+            self.min_lr,
+            "at most train.lr",
+        )?;
+        ensure_non_negative(&k("weight_decay"), self.weight_decay)?;
+        for (i, beta) in self.betas.iter().enumerate() {
+            ensure(
+                (0.0..1.0).contains(beta),
+                &format!("{}[{i}]", k("betas")),
+                beta,
+                "in [0, 1)",
+            )?;
+        }
+        ensure_positive(&k("eps"), self.eps)?;
+        ensure_non_negative(&k("max_grad_norm"), self.max_grad_norm)?;
+        ensure_count(&k("keep_last"), self.keep_last as u64)?;
+        ensure_count(&k("log_every"), self.log_every)?;
+        ensure_non_negative(&k("divergence_factor"), self.divergence_factor)?;
+        ensure(
+            self.divergence_factor == 0.0 || self.divergence_factor > 1.0,
+            &k("divergence_factor"),
+            self.divergence_factor,
+            "0 (off) or greater than 1",
+        )?;
+        if let Some(wandb) = &self.wandb {
+            ensure_non_negative(&k("wandb.flush_timeout_s"), wandb.flush_timeout_s)?;
+        }
+        Ok(())
+    }
 }
 
 impl TrainConfig {
@@ -363,6 +412,79 @@ pub struct Trainer<B: AutodiffBackend> {
     stop_vote: std::cell::Cell<bool>,
     /// Input tokens of the last step over all peers.
     step_tokens: std::cell::Cell<usize>,
+    /// Id of the fresh start this run descends from (kept by resumes); pruning and export
+    /// only consider checkpoints of this lineage.
+    pub lineage: String,
+    /// The checkpoint this process saved last.
+    last_saved: Option<Checkpoint>,
+    divergence: DivergenceWatch,
+}
+
+/// A lineage id: unique per fresh start.
+fn new_lineage() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{nanos:x}-{}", std::process::id())
+}
+
+/// Recent losses and gradient norms, to tell an exploding step from a noisy one.
+#[derive(Default)]
+struct DivergenceWatch {
+    losses: std::collections::VecDeque<f64>,
+    grad_norms: std::collections::VecDeque<f64>,
+}
+
+/// Steps of history the running median is taken over, and how many it needs first.
+const DIVERGENCE_WINDOW: usize = 50;
+const DIVERGENCE_MIN_HISTORY: usize = 10;
+
+impl DivergenceWatch {
+    /// The history kept in metrics.jsonl (already cut back to the checkpoint on resume).
+    fn from_metrics(path: &Path) -> Self {
+        let mut watch = Self::default();
+        for line in crate::metrics::read_metrics(path).unwrap_or_default() {
+            if let (Some(loss), Some(norm)) = (line["loss"].as_f64(), line["grad_norm"].as_f64()) {
+                watch.push(loss, norm);
+            }
+        }
+        watch
+    }
+
+    fn push(&mut self, loss: f64, grad_norm: f64) {
+        for (history, value) in [(&mut self.losses, loss), (&mut self.grad_norms, grad_norm)] {
+            history.push_back(value);
+            if history.len() > DIVERGENCE_WINDOW {
+                history.pop_front();
+            }
+        }
+    }
+
+    /// Why this step's numbers say the run diverged, if they do: over `factor` times the
+    /// running median.
+    fn exploded(&self, loss: f64, grad_norm: f64, factor: f64) -> Option<String> {
+        if factor <= 0.0 || self.losses.len() < DIVERGENCE_MIN_HISTORY {
+            return None;
+        }
+        let median = |history: &std::collections::VecDeque<f64>| {
+            let mut sorted: Vec<f64> = history.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            sorted[sorted.len() / 2]
+        };
+        let (typical_loss, typical_norm) = (median(&self.losses), median(&self.grad_norms));
+        if loss > factor * typical_loss.max(1e-3) {
+            return Some(format!(
+                "loss {loss:.4} is over {factor} times its running median {typical_loss:.4}"
+            ));
+        }
+        if grad_norm > factor * typical_norm.max(1e-3) {
+            return Some(format!(
+                "gradient norm {grad_norm:.4} is over {factor} times its running median {typical_norm:.4}"
+            ));
+        }
+        None
+    }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -387,6 +509,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             is_trainable(&config, lora.is_some(), name)
         });
         let checkpoints = CheckpointDir::new(run_dir);
+        let peer = current_peer();
+        if peer.is_leader() {
+            checkpoints.clean_leftovers()?;
+        }
         let checkpoint = match resume {
             Resume::No => None,
             Resume::Auto => {
@@ -399,8 +525,26 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
                 found
             }
-            Resume::From(path) => Some(open_checkpoint(path)?),
+            Resume::From(path) => {
+                let checkpoint = open_checkpoint(path)?;
+                if peer.is_leader() {
+                    // This run writes its own history from that step on; newer checkpoints
+                    // of the folder would outrank it in `--resume auto` and in pruning.
+                    for moved in checkpoints.supersede_after(checkpoint.step)? {
+                        println!(
+                            "resuming from step {}: moved the newer checkpoint to {}",
+                            checkpoint.step,
+                            moved.display()
+                        );
+                    }
+                }
+                Some(checkpoint)
+            }
         };
+        let lineage = checkpoint
+            .as_ref()
+            .and_then(Checkpoint::lineage)
+            .unwrap_or_else(new_lineage);
         let adam = AdamWConfig {
             beta1: config.betas[0],
             beta2: config.betas[1],
@@ -412,7 +556,6 @@ impl<B: AutodiffBackend> Trainer<B> {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "run".into());
-        let peer = current_peer();
         if peer.is_distributed() {
             distributed::register::<B::InnerBackend>(&peer, &model.device())?;
         }
@@ -424,15 +567,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         std::fs::create_dir_all(&metrics_dir)
             .with_context(|| format!("cannot create {}", metrics_dir.display()))?;
-        let wandb = match config.wandb.as_ref().filter(|_| peer.is_leader()) {
-            Some(wandb) => Some(WandbRun::start(
-                wandb,
-                &run_name,
-                &resolved_config(run_dir),
-                checkpoint.is_some(),
-            )?),
-            None => None,
-        };
         let mut trainer = Self {
             model,
             optimizer: AdamW::new(adam),
@@ -444,7 +578,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             run_dir: run_dir.to_path_buf(),
             checkpoints,
             metrics: MetricsLog::open(&metrics_dir, checkpoint.as_ref().map(|c| c.step))?,
-            wandb,
+            wandb: None,
+            lineage,
+            last_saved: None,
+            divergence: DivergenceWatch::default(),
             stop: stop_requested(),
             peer,
             stop_vote: std::cell::Cell::new(false),
@@ -457,6 +594,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         if trainer.peer.is_distributed() {
             trainer.check_peers_start_alike()?;
         }
+        if trainer.peer.is_leader() {
+            // The run is known to start: its resolved config may now replace the old record.
+            crate::run_dir::commit_config(run_dir)?;
+            if let Some(wandb) = &trainer.config.wandb {
+                trainer.wandb = Some(WandbRun::start(
+                    wandb,
+                    &run_name,
+                    &resolved_config(run_dir),
+                    recipe_state.is_some(),
+                )?);
+            }
+        }
+        trainer.divergence = DivergenceWatch::from_metrics(&trainer.metrics.path);
         trainer.progress = if trainer.peer.is_leader() {
             Progress::new(
                 &run_name,
@@ -623,9 +773,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             // (bailing out alone would leave the others waiting).
             if !value.is_finite() && !self.peer.is_distributed() {
                 bail!(
-                    "loss is {value} at step {} (micro-batch {index}); nothing was saved from this step, \
-                     the last checkpoint is intact. Lower the learning rate or check the data.",
-                    self.step + 1
+                    "loss is {value} at step {} (micro-batch {index}); nothing was saved from this \
+                     step. Lower the learning rate or check the data; {}",
+                    self.step + 1,
+                    self.where_to_resume()
                 );
             }
             loss += value as f64;
@@ -660,9 +811,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             gradients.tensors = names.into_iter().zip(summed).collect();
             if !loss.is_finite() {
                 bail!(
-                    "loss is {loss} at step {} on some peer; nothing was saved from this step, \
-                     the last checkpoint is intact. Lower the learning rate or check the data.",
-                    self.step + 1
+                    "loss is {loss} at step {} on some peer; nothing was saved from this step. \
+                     Lower the learning rate or check the data; {}",
+                    self.step + 1,
+                    self.where_to_resume()
                 );
             }
         }
@@ -695,10 +847,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         if !grad_norm.is_finite() {
             bail!(
-                "gradient norm is {grad_norm} at step {}; the last checkpoint is intact",
-                self.step + 1
+                "gradient norm is {grad_norm} at step {}; {}",
+                self.step + 1,
+                self.where_to_resume()
             );
         }
+        if let Some(why) = self
+            .divergence
+            .exploded(loss, grad_norm, self.config.divergence_factor)
+        {
+            bail!(
+                "the run diverged at step {}: {why} (train.divergence_factor = {}); nothing \
+                 was saved from this step. Lower the learning rate; {}",
+                self.step + 1,
+                self.config.divergence_factor,
+                self.where_to_resume()
+            );
+        }
+        self.divergence.push(loss, grad_norm);
         let lr = self.lr();
         self.model = self.optimizer.step(self.model.clone(), &gradients, lr);
         self.step += 1;
@@ -804,8 +970,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(Next::Continue)
     }
 
+    /// What a user can resume from after this run stops on an error.
+    fn where_to_resume(&self) -> String {
+        let newest = self.last_saved.clone().or_else(|| {
+            self.checkpoints
+                .latest_valid_of(Some(&self.lineage), |_| {})
+                .ok()
+                .flatten()
+        });
+        match newest {
+            Some(checkpoint) => format!(
+                "the newest checkpoint, {} (step {}), is intact: resume with --resume {}",
+                checkpoint.dir.display(),
+                checkpoint.step,
+                checkpoint.dir.display()
+            ),
+            None => "no checkpoint of this run exists yet".into(),
+        }
+    }
+
     pub fn save_checkpoint(&mut self, recipe_state: Value) -> Result<Checkpoint> {
         let state = json!({
+            "lineage": self.lineage,
             "step": self.step,
             "optimizer_steps": self.optimizer.steps,
             "seed": self.seed,
@@ -823,8 +1009,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             ],
             state,
         };
-        self.checkpoints
-            .save(self.step, &contents, self.config.keep_last)
+        let saved = self
+            .checkpoints
+            .save(self.step, &contents, self.config.keep_last)?;
+        self.last_saved = Some(saved.clone());
+        Ok(saved)
     }
 
     /// Exports the newest valid checkpoint as a Hugging Face folder at `out` (LoRA merged,
@@ -841,15 +1030,20 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     fn export_latest_checkpoint(&self, out: &Path) -> Result<()> {
-        let last = self
-            .checkpoints
-            .latest_valid(|warning| eprintln!("warning: {warning}"))?
-            .with_context(|| {
-                format!(
-                    "{} has no checkpoint to export",
-                    self.checkpoints.root.display()
-                )
-            })?;
+        let last = match self.last_saved.clone() {
+            Some(saved) => Some(saved),
+            None => self
+                .checkpoints
+                .latest_valid_of(Some(&self.lineage), |warning| {
+                    eprintln!("warning: {warning}")
+                })?,
+        };
+        let last = last.with_context(|| {
+            format!(
+                "{} has no checkpoint to export",
+                self.checkpoints.root.display()
+            )
+        })?;
         crate::export::export_checkpoint(&last.dir, out, checkpoints::StoreDtype::F32)?;
         println!("exported {}", out.display());
         Ok(())

@@ -249,8 +249,10 @@ fn nan_loss_is_a_clear_error() {
         .train_step(&[TokenBatch::from_rows(&all, 0)])
         .unwrap_err()
         .to_string();
+    // No checkpoint was saved: the message must not claim one is intact.
     assert!(
-        error.contains("loss is NaN at step 2") && error.contains("checkpoint is intact"),
+        error.contains("loss is NaN at step 2")
+            && error.contains("no checkpoint of this run exists yet"),
         "{error}"
     );
 }
