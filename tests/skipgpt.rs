@@ -9,12 +9,14 @@ use burn::prelude::*;
 use checkpoints::{StoreDtype, WeightSource};
 use common::*;
 use datasets::{TokenBatch, TokenRow};
-use recipes::skipgpt::{evaluate_routed, gated_forward, router_loss};
+use recipes::skipgpt::{
+    evaluate_routed, gated_forward, routed_forward, router_loss, with_routers, without_routers,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use trainer::model::init::ParamInit;
 use trainer::model::llama::LlamaConfig;
-use trainer::model::router::LayerDecisions;
+use trainer::model::llama::{LayerDecisions, LayerExec};
 use trainer::train::{DeviceBatch, MicroBatchShare, Resume, TrainConfig, Trainer};
 use trainer::weights::named_tensors;
 use trainer::{CausalLm, Cpu};
@@ -23,12 +25,25 @@ type Train = Autodiff<Cpu>;
 
 fn tiny_routed<B: Backend>(seed: u64) -> CausalLm<B> {
     let config = LlamaConfig::tiny(64, 32, 3, 4, 2);
-    CausalLm::<B>::new(
+    let model = CausalLm::<B>::new(
         &config,
         &mut ParamInit::normal(seed, 0.3),
         &Default::default(),
-    )
-    .with_routers(seed + 1)
+    );
+    with_routers(model, seed + 1)
+}
+
+/// The forward that multiplies every module by its router's hard gate (nothing skipped).
+fn hard_gated_forward(
+    model: &CausalLm<Cpu>,
+    tokens: Tensor<Cpu, 2, Int>,
+    positions: Tensor<Cpu, 2, Int>,
+    allowed: Tensor<Cpu, 4, Bool>,
+) -> Tensor<Cpu, 3> {
+    model.forward_with(tokens, positions, allowed, &mut |index, hidden| {
+        let router = model.model.layers[index].router.as_ref().unwrap();
+        LayerExec::Gated(router.hard_gates(hidden.clone()))
+    })
 }
 
 /// Two rows of different lengths (the second padded), all tokens trained.
@@ -50,12 +65,18 @@ fn real_skipping_equals_the_gated_forward_with_hard_gates() {
     let device = Default::default();
     let on_device = DeviceBatch::<Cpu>::new(&batch, &device);
     let (gated, _) = gated_forward(&model, &on_device, 1.0, None).unwrap();
-    let (skipping, decisions) = model.forward_skipping(
+    let (skipping, decisions) = routed_forward(
+        &model,
         on_device.tokens.clone(),
         on_device.positions.clone(),
         on_device.allowed.clone(),
     );
-    let multiplied = model.forward(on_device.tokens, on_device.positions, on_device.allowed);
+    let multiplied = hard_gated_forward(
+        &model,
+        on_device.tokens,
+        on_device.positions,
+        on_device.allowed,
+    );
     let flags: Vec<bool> = decisions
         .iter()
         .flat_map(|d| d.attn.iter().chain(&d.mlp).copied())
@@ -83,16 +104,16 @@ fn skipped_modules_are_not_applied() {
     let device = Default::default();
     let on_device = DeviceBatch::<Cpu>::new(&batch(), &device);
     let tokens = on_device.tokens.clone();
-    let (logits, _) = model.forward_with_decisions(
+    let logits = model.forward_with(
         on_device.tokens,
         on_device.positions,
         on_device.allowed,
-        |_, hidden| {
+        &mut |_, hidden| {
             let [b, s, _] = hidden.dims();
-            LayerDecisions {
+            LayerExec::Skipping(LayerDecisions {
                 attn: vec![false; b * s],
                 mlp: vec![false; b * s],
-            }
+            })
         },
     );
     // Everything skipped: the layers are the identity and the logits are the head of the
@@ -121,7 +142,8 @@ fn sparsity_loss_is_lambda_times_the_distance_to_the_keep_target() {
     assert!((loss - lm - budget).abs() < 1e-4, "{loss} {lm} {budget}");
 
     // The mean counts real tokens only, over every layer and both module kinds.
-    let (_, decisions) = model.valid().forward_skipping(
+    let (_, decisions) = routed_forward(
+        &model.valid(),
         on_device.tokens.inner(),
         on_device.positions.inner(),
         on_device.allowed.inner(),
@@ -216,12 +238,18 @@ fn routed_model_saves_with_documented_router_names_and_reloads() {
     let back = CausalLm::<Cpu>::load(&dir, &Default::default()).unwrap();
     let device = Default::default();
     let on_device = DeviceBatch::<Cpu>::new(&batch(), &device);
-    let (a, da) = model.forward_skipping(
+    let (a, da) = routed_forward(
+        &model,
         on_device.tokens.clone(),
         on_device.positions.clone(),
         on_device.allowed.clone(),
     );
-    let (b, db) = back.forward_skipping(on_device.tokens, on_device.positions, on_device.allowed);
+    let (b, db) = routed_forward(
+        &back,
+        on_device.tokens,
+        on_device.positions,
+        on_device.allowed,
+    );
     assert_eq!(da, db);
     assert_eq!(values(a), values(b));
 }
@@ -234,7 +262,7 @@ fn evaluation_counts_keep_ratios_per_layer_and_kind() {
     let mean = eval.keep.iter().map(|[a, m]| a + m).sum::<f64>() / 6.0;
     assert!((mean - eval.overall_keep).abs() < 1e-12);
     assert!(eval.perplexity.is_finite() && eval.perplexity > 1.0);
-    let dense = evaluate_routed(&model.clone().without_routers(), &[batch()]);
+    let dense = evaluate_routed(&without_routers(model.clone()), &[batch()]);
     assert_eq!(dense.overall_keep, 1.0);
     assert_ne!(dense.perplexity, eval.perplexity);
 }
@@ -295,7 +323,8 @@ fn greedy_by_full_forwards(model: &CausalLm<Cpu>, prompt: &[u32], steps: usize) 
     let mut sequence = prompt.to_vec();
     for _ in 0..steps {
         let batch = PaddedBatch::left_padded(std::slice::from_ref(&sequence), 0);
-        let logits = values(model.forward(
+        let logits = values(hard_gated_forward(
+            model,
             token_tensor(&batch.tokens, &device),
             int_tensor(&batch.positions(), &device),
             causal_mask(&batch.valid, batch.width(), &device),

@@ -162,6 +162,15 @@ struct ExportArgs {
     /// A PEFT LoRA adapter folder to merge into `--model` (written again to OUT/adapter).
     #[arg(long, requires = "model")]
     adapter: Option<PathBuf>,
+    /// Keep only these layers of `--model`, in this order (`0,1,5`); config.json says the new
+    /// depth.
+    #[arg(
+        long,
+        requires = "model",
+        conflicts_with = "adapter",
+        value_delimiter = ','
+    )]
+    keep_layers: Option<Vec<usize>>,
     /// Folder to write.
     #[arg(long)]
     out: PathBuf,
@@ -244,7 +253,11 @@ fn run(cli: Cli) -> Result<()> {
                     trainer::export::export_peft_adapter(&model_dir, adapter, &args.out, dtype)?
                 }
                 (Some(model_dir), _) => {
-                    let model = CausalLm::<trainer::Cpu>::load(&model_dir, &Default::default())?;
+                    let mut model =
+                        CausalLm::<trainer::Cpu>::load(&model_dir, &Default::default())?;
+                    if let Some(keep) = &args.keep_layers {
+                        model = model.retain_layers(keep)?;
+                    }
                     model.save(&args.out, dtype, Some(&model_dir))?;
                 }
                 (None, Some(checkpoint)) => export_checkpoint(&checkpoint, &args.out, dtype)?,

@@ -40,8 +40,10 @@ use trainer::config::{
 use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::loss::token_nll_sum;
-use trainer::model::llama::LayerGates;
+use trainer::model::init::ParamInit;
+use trainer::model::llama::{LayerDecisions, LayerExec, LayerGates};
 use trainer::model::router::straight_through_gate;
+use trainer::model::router::LayerRouter;
 use trainer::train::{DeviceBatch, MicroBatchShare, Next, Resume, TrainConfig, Trainer};
 use trainer::CausalLm;
 
@@ -272,6 +274,50 @@ fn gumbel_noise<B: Backend>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// The model with fresh routers on every layer (Kaiming-uniform weights, zero bias).
+pub fn with_routers<B: Backend>(mut model: CausalLm<B>, seed: u64) -> CausalLm<B> {
+    let device = model.device();
+    let mut init = ParamInit::normal(seed, 0.0);
+    let hidden = model.config.hidden_size;
+    for layer in &mut model.model.layers {
+        layer.router = Some(LayerRouter::new(hidden, &mut init, &device));
+    }
+    model.config.skip_routers = true;
+    model
+}
+
+/// The dense model: routers removed, every module runs for every token.
+pub fn without_routers<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
+    for layer in &mut model.model.layers {
+        layer.router = None;
+    }
+    model.config.skip_routers = false;
+    model
+}
+
+/// Logits with real skipping as the routers decide (inference), and each layer's decisions
+/// (everything runs in a layer without a router).
+pub fn routed_forward<B: Backend>(
+    model: &CausalLm<B>,
+    tokens: Tensor<B, 2, Int>,
+    positions: Tensor<B, 2, Int>,
+    allowed: Tensor<B, 4, Bool>,
+) -> (Tensor<B, 3>, Vec<LayerDecisions>) {
+    let mut decisions = Vec::with_capacity(model.num_layers());
+    let logits = model.forward_with(tokens, positions, allowed, &mut |index, hidden| {
+        let exec = model.model.layers[index].inference_exec(hidden);
+        decisions.push(match &exec {
+            LayerExec::Skipping(chosen) => chosen.clone(),
+            _ => {
+                let [b, s, _] = hidden.dims();
+                LayerDecisions::all(b * s)
+            }
+        });
+        exec
+    });
+    (logits, decisions)
+}
+
 /// The training forward: every module runs and is multiplied by its straight-through gate.
 /// Returns the logits and the mean gate over real tokens, layers and both module kinds.
 /// Without noise the gates equal the deterministic ones inference uses.
@@ -281,17 +327,15 @@ pub fn gated_forward<B: Backend>(
     temperature: f64,
     mut noise: Option<(&mut StdRng, f64)>,
 ) -> Result<(Tensor<B, 3>, Tensor<B, 1>)> {
-    let context = model.attention_context(batch.positions.clone(), batch.allowed.clone());
-    let mut hidden = model.embed(batch.tokens.clone());
-    let [b, s, _] = hidden.dims();
+    if let Some(index) = model.model.layers.iter().position(|l| l.router.is_none()) {
+        bail!("layer {index} has no router");
+    }
+    let [b, s] = batch.tokens.dims();
     let valid = batch.valid.clone().unsqueeze_dim::<3>(2);
     let device = model.device();
     let mut gate_sum = Tensor::<B, 1>::zeros([1], &device);
-    for (index, layer) in model.model.layers.iter().enumerate() {
-        let router = layer
-            .router
-            .as_ref()
-            .with_context(|| format!("layer {index} has no router"))?;
+    let mut plan = |index: usize, hidden: &Tensor<B, 3>| {
+        let router = model.model.layers[index].router.as_ref().expect("checked");
         let mut gate = |logits: Tensor<B, 3>| {
             let noise = noise
                 .as_mut()
@@ -304,13 +348,19 @@ pub fn gated_forward<B: Backend>(
             mlp: Some(gate(router.mlp.forward(hidden.clone()))),
         };
         for g in [&gates.attn, &gates.mlp].into_iter().flatten() {
-            gate_sum = gate_sum + (g.clone() * valid.clone()).sum();
+            gate_sum = gate_sum.clone() + (g.clone() * valid.clone()).sum();
         }
-        hidden = layer.forward(hidden, &context, None, &gates);
-    }
+        LayerExec::Gated(gates)
+    };
+    let logits = model.forward_with(
+        batch.tokens.clone(),
+        batch.positions.clone(),
+        batch.allowed.clone(),
+        &mut plan,
+    );
     let decisions = 2.0 * model.num_layers() as f64;
     let mean_gate = gate_sum / batch.valid.clone().sum().mul_scalar(decisions);
-    Ok((model.head(hidden), mean_gate))
+    Ok((logits, mean_gate))
 }
 
 /// `LM loss + lambda * |mean gate - keep target|`, the LM loss a token mean over the step.
@@ -353,8 +403,12 @@ pub fn evaluate_routed<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) 
         let real: Vec<bool> = batch.segment.iter().flatten().map(|&s| s != 0).collect();
         real_tokens += real.iter().filter(|&&r| r).count();
         let on_device = DeviceBatch::<B>::new(batch, &device);
-        let (logits, decisions) =
-            model.forward_skipping(on_device.tokens, on_device.positions, on_device.allowed);
+        let (logits, decisions) = routed_forward(
+            model,
+            on_device.tokens,
+            on_device.positions,
+            on_device.allowed,
+        );
         let sum: f32 = token_nll_sum(logits, on_device.targets, on_device.selected)
             .into_scalar()
             .elem();
@@ -394,7 +448,7 @@ fn router_stage<B: AutodiffBackend>(
     let mut train = config.router.train.clone();
     train.train_only = vec!["*.router.*".into()];
     prepare_run_dir(&dir, context.resolved, context.tokenizer_dir)?;
-    let model = base.with_routers(seed);
+    let model = with_routers(base, seed);
     let (mut trainer, saved) = Trainer::start(model, train, None, seed, &dir, &Resume::Auto)?;
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
     leader_println!(
@@ -562,7 +616,7 @@ fn report<B: AutodiffBackend>(
     type Eval<B> = <B as AutodiffBackend>::InnerBackend;
     let mut rows = vec![(
         "dense".to_string(),
-        evaluate_routed(&base.valid().without_routers(), eval_batches),
+        evaluate_routed(&without_routers(base.valid()), eval_batches),
     )];
     for (name, dir) in [("routers", router_dir), ("routers + LoRA", lora_dir)] {
         if dir.join("config.json").exists() {

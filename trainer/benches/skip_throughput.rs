@@ -13,8 +13,8 @@ use rand::{Rng, SeedableRng};
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::model::init::ParamInit;
+use trainer::model::llama::{LayerDecisions, LayerExec};
 use trainer::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
-use trainer::model::router::LayerDecisions;
 use trainer::{with_backend, CausalLm, LlamaConfig};
 
 const BATCH: usize = 2;
@@ -58,17 +58,17 @@ fn run<B: Backend>(device: B::Device, label: &str) {
         let tps = time(&|| {
             let mut rng = StdRng::seed_from_u64(0);
             let (t, p, m) = inputs();
-            let (logits, _) = model.forward_with_decisions(t, p, m, |_, hidden| {
+            let logits = model.forward_with(t, p, m, &mut |_, hidden| {
                 let [b, s, _] = hidden.dims();
                 let mut draw = || {
                     (0..b * s)
                         .map(|_| rng.random::<f64>() >= sparsity)
                         .collect()
                 };
-                LayerDecisions {
+                LayerExec::Skipping(LayerDecisions {
                     attn: draw(),
                     mlp: draw(),
-                }
+                })
             });
             let _ = logits.slice([0..1, 0..1, 0..1]).into_data();
         });

@@ -248,6 +248,53 @@ pub fn set_trainable<B: AutodiffBackend, M: Module<B>>(
     })
 }
 
+/// What the trainer trains: any Burn module that can say what it is (its config, stored
+/// with every checkpoint) and where it lives. `CausalLm` is one; a recipe's own module (an
+/// encoder and a head around a language model, say) is another. LoRA adapters attach to the
+/// language model inside, where there is one.
+pub trait Trainable<B: AutodiffBackend>: AutodiffModule<B> + Clone {
+    /// The module's own config, stored with each checkpoint.
+    fn config_json(&self) -> Value;
+    fn device(&self) -> B::Device;
+    /// The module with LoRA adapters on its language model's linears (`lora::attach`).
+    fn attach_lora(self, _config: &LoraConfig, _seed: u64) -> Result<Self> {
+        bail!("this module has no language model to put LoRA adapters on")
+    }
+}
+
+impl<B: AutodiffBackend> Trainable<B> for CausalLm<B> {
+    fn config_json(&self) -> Value {
+        self.config.to_json()
+    }
+
+    fn device(&self) -> B::Device {
+        CausalLm::device(self)
+    }
+
+    fn attach_lora(self, config: &LoraConfig, seed: u64) -> Result<Self> {
+        lora::attach(self, config, seed)
+    }
+}
+
+/// What the trainer needs to know of a micro-batch of any kind.
+pub trait MicroBatch {
+    /// What the step's loss is a mean over (target tokens, predicted values): summed over a
+    /// step's micro-batches (and peers), it is the divisor every objective uses.
+    fn num_targets(&self) -> usize;
+    /// Input elements, for the throughput figures.
+    fn num_inputs(&self) -> usize;
+}
+
+impl MicroBatch for TokenBatch {
+    fn num_targets(&self) -> usize {
+        TokenBatch::num_targets(self)
+    }
+
+    fn num_inputs(&self) -> usize {
+        self.inputs.iter().map(Vec::len).sum()
+    }
+}
+
 /// One batch on the device.
 pub struct DeviceBatch<B: Backend> {
     pub tokens: Tensor<B, 2, Int>,
@@ -312,12 +359,8 @@ pub fn evaluate_loss<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) ->
     total / count.max(1) as f64
 }
 
-fn input_tokens(micro_batches: &[TokenBatch]) -> usize {
-    micro_batches
-        .iter()
-        .flat_map(|b| &b.inputs)
-        .map(Vec::len)
-        .sum()
+fn input_elements<Batch: MicroBatch>(micro_batches: &[Batch]) -> usize {
+    micro_batches.iter().map(MicroBatch::num_inputs).sum()
 }
 
 /// SHA-256 over every parameter's name and f32 bytes, in name order (hashed tensor by
@@ -346,9 +389,13 @@ pub struct MicroBatchShare {
     pub total_targets: usize,
 }
 
-/// The loss a training step minimises, for one micro-batch.
+/// The loss a training step minimises, for one micro-batch of tokens on the device.
 pub type Objective<'a, B> =
     dyn Fn(&CausalLm<B>, DeviceBatch<B>, MicroBatchShare) -> Tensor<B, 1> + 'a;
+
+/// The loss of any module on one micro-batch of any kind.
+pub type ModuleObjective<'a, B, M, Batch> =
+    dyn Fn(&M, &Batch, MicroBatchShare) -> Tensor<B, 1> + 'a;
 
 /// Next-token cross-entropy, the token mean over the whole step.
 pub fn next_token_objective<B: Backend>(
@@ -390,9 +437,10 @@ pub fn stop_requested() -> Arc<AtomicBool> {
     .clone()
 }
 
-/// The model, its optimizer and the run directory, advanced one update at a time.
-pub struct Trainer<B: AutodiffBackend> {
-    pub model: CausalLm<B>,
+/// The model, its optimizer and the run directory, advanced one update at a time. The model
+/// is a `CausalLm` unless a recipe trains a module of its own (see [`Trainable`]).
+pub struct Trainer<B: AutodiffBackend, M: Trainable<B> = CausalLm<B>> {
+    pub model: M,
     pub optimizer: AdamW<B::InnerBackend>,
     pub config: TrainConfig,
     pub lora: Option<LoraConfig>,
@@ -487,12 +535,12 @@ impl DivergenceWatch {
     }
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
     /// Prepares a run: attaches LoRA when configured, freezes what must not train, and
     /// resumes from a checkpoint when asked. Returns the trainer and the recipe state that
     /// was saved with the checkpoint (`None` on a fresh start).
     pub fn start(
-        model: CausalLm<B>,
+        model: M,
         config: TrainConfig,
         lora: Option<LoraConfig>,
         seed: u64,
@@ -502,7 +550,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create run folder {}", run_dir.display()))?;
         let model = match &lora {
-            Some(lora_config) => lora::attach(model, lora_config, seed)?,
+            Some(lora_config) => model.attach_lora(lora_config, seed)?,
             None => model,
         };
         let model = set_trainable(model, &|name: &str| {
@@ -724,23 +772,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.config.schedule().lr_at(self.step)
     }
 
-    /// The loss of one update over `micro_batches` and its gradients. The loss is the mean
-    /// over every selected token of all micro-batches together, so accumulating micro-batches
+    /// The loss of one update over `micro_batches` of any kind and its gradients. The loss is
+    /// the mean over every target of all micro-batches together (each objective divides by
+    /// the step's total, [`MicroBatchShare::total_targets`]), so accumulating micro-batches
     /// gives the gradients of one large batch.
-    pub fn loss_and_gradients(
+    pub fn loss_and_gradients_on<Batch: MicroBatch>(
         &self,
-        micro_batches: &[TokenBatch],
+        micro_batches: &[Batch],
+        objective: &ModuleObjective<'_, B, M, Batch>,
     ) -> Result<(f64, Gradients<B::InnerBackend>)> {
-        self.loss_and_gradients_of(micro_batches, &next_token_objective)
-    }
-
-    /// As [`loss_and_gradients`](Self::loss_and_gradients) with another objective.
-    pub fn loss_and_gradients_of(
-        &self,
-        micro_batches: &[TokenBatch],
-        objective: &Objective<'_, B>,
-    ) -> Result<(f64, Gradients<B::InnerBackend>)> {
-        let mut total_targets: usize = micro_batches.iter().map(TokenBatch::num_targets).sum();
+        let mut total_targets: usize = micro_batches.iter().map(MicroBatch::num_targets).sum();
         let device = self.model.device();
         if self.peer.is_distributed() {
             // The loss is a token mean over the global batch: every peer divides by its total.
@@ -760,7 +801,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut gradients: Option<Gradients<B::InnerBackend>> = None;
         let mut loss = 0.0;
         for (index, batch) in micro_batches.iter().enumerate() {
-            let batch = DeviceBatch::<B>::new(batch, &device);
             let share = MicroBatchShare {
                 index,
                 count: micro_batches.len(),
@@ -795,7 +835,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .into_values()
                     .collect();
             let stop = self.stop.load(Ordering::SeqCst) as i32 as f32;
-            let tokens = input_tokens(micro_batches) as f32;
+            let tokens = input_elements(micro_batches) as f32;
             tensors.push(Tensor::from_floats([loss as f32, stop, tokens], &device));
             let mut summed = distributed::all_reduce_sum_many(&self.peer, tensors)?;
             let [total, stops, tokens]: [f32; 3] = summed
@@ -821,24 +861,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok((loss, gradients))
     }
 
-    /// One optimizer update over `micro_batches` (see [`loss_and_gradients`](Self::loss_and_gradients)),
-    /// with global-norm clipping and the step's learning rate.
-    pub fn train_step(&mut self, micro_batches: &[TokenBatch]) -> Result<StepStats> {
-        self.train_step_of(micro_batches, &next_token_objective)
-    }
-
-    /// As [`train_step`](Self::train_step), minimising another objective.
-    pub fn train_step_of(
+    /// One optimizer update of the module over `micro_batches` of any kind (see
+    /// [`loss_and_gradients_on`](Self::loss_and_gradients_on)), with global-norm clipping and
+    /// the step's learning rate.
+    pub fn train_step_on<Batch: MicroBatch>(
         &mut self,
-        micro_batches: &[TokenBatch],
-        objective: &Objective<'_, B>,
+        micro_batches: &[Batch],
+        objective: &ModuleObjective<'_, B, M, Batch>,
     ) -> Result<StepStats> {
         let start = Instant::now();
-        let (loss, mut gradients) = self.loss_and_gradients_of(micro_batches, objective)?;
+        let (loss, mut gradients) = self.loss_and_gradients_on(micro_batches, objective)?;
         let tokens = if self.peer.is_distributed() {
             self.step_tokens.get()
         } else {
-            input_tokens(micro_batches)
+            input_elements(micro_batches)
         };
         let grad_norm = if self.config.max_grad_norm > 0.0 {
             gradients.clip_global_norm(self.config.max_grad_norm)
@@ -997,7 +1033,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             "seed": self.seed,
             // Every random draw derives from (seed, step): this is the whole RNG state.
             "rng": "derived from (seed, step)",
-            "model_config": self.model.config.to_json(),
+            "model_config": self.model.config_json(),
             "lora": self.lora,
             "peers": self.peer.world(),
             "recipe": recipe_state,
@@ -1014,6 +1050,53 @@ impl<B: AutodiffBackend> Trainer<B> {
             .save(self.step, &contents, self.config.keep_last)?;
         self.last_saved = Some(saved.clone());
         Ok(saved)
+    }
+
+    /// The model for evaluation and generation: no gradient tracking.
+    pub fn eval_model(&self) -> M::InnerModule {
+        self.model.valid()
+    }
+}
+
+/// The language-model trainer: token batches, next-token loss, Hugging Face exports.
+impl<B: AutodiffBackend> Trainer<B, CausalLm<B>> {
+    /// The loss of one update over `micro_batches` and its gradients: the next-token loss, a
+    /// mean over every selected token of all micro-batches together.
+    pub fn loss_and_gradients(
+        &self,
+        micro_batches: &[TokenBatch],
+    ) -> Result<(f64, Gradients<B::InnerBackend>)> {
+        self.loss_and_gradients_of(micro_batches, &next_token_objective)
+    }
+
+    /// As [`loss_and_gradients`](Self::loss_and_gradients) with another objective.
+    pub fn loss_and_gradients_of(
+        &self,
+        micro_batches: &[TokenBatch],
+        objective: &Objective<'_, B>,
+    ) -> Result<(f64, Gradients<B::InnerBackend>)> {
+        let device = self.model.device();
+        self.loss_and_gradients_on(micro_batches, &|model, batch, share| {
+            objective(model, DeviceBatch::new(batch, &device), share)
+        })
+    }
+
+    /// One optimizer update over `micro_batches` (see [`loss_and_gradients`](Self::loss_and_gradients)),
+    /// with global-norm clipping and the step's learning rate.
+    pub fn train_step(&mut self, micro_batches: &[TokenBatch]) -> Result<StepStats> {
+        self.train_step_of(micro_batches, &next_token_objective)
+    }
+
+    /// As [`train_step`](Self::train_step), minimising another objective.
+    pub fn train_step_of(
+        &mut self,
+        micro_batches: &[TokenBatch],
+        objective: &Objective<'_, B>,
+    ) -> Result<StepStats> {
+        let device = self.model.device();
+        self.train_step_on(micro_batches, &|model, batch, share| {
+            objective(model, DeviceBatch::new(batch, &device), share)
+        })
     }
 
     /// Exports the newest valid checkpoint as a Hugging Face folder at `out` (LoRA merged,
@@ -1047,11 +1130,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         crate::export::export_checkpoint(&last.dir, out, checkpoints::StoreDtype::F32)?;
         println!("exported {}", out.display());
         Ok(())
-    }
-
-    /// The model for evaluation and generation: no gradient tracking.
-    pub fn eval_model(&self) -> CausalLm<B::InnerBackend> {
-        self.model.valid()
     }
 }
 

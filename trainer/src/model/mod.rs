@@ -1,6 +1,12 @@
 //! Model modules. `layers` holds the building blocks every family shares (linear with an
-//! optional LoRA adapter, RMSNorm, rotary positions); each model family has one file.
+//! optional LoRA adapter, RMSNorm, rotary positions), `attention` the attention module with its
+//! editable context and per-layer key/value stores, `exec` how a layer runs (dense, gated,
+//! skipping), `config` the family's config.json; each model family has one file (`llama`)
+//! holding its layers and the one decoder loop.
 
+pub mod attention;
+pub mod config;
+pub mod exec;
 pub mod init;
 pub mod layers;
 pub mod llama;
