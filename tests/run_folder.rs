@@ -178,12 +178,7 @@ fn with_every_checkpoint_damaged_the_resumed_run_keeps_and_exports_its_own() {
     assert!(stderr_of(&output).contains("damaged"));
 
     // The damaged ones were moved aside, the new run's own newest checkpoints kept.
-    let kept: Vec<u64> = checkpoints::run_checkpoints::CheckpointDir::new(&run)
-        .list()
-        .unwrap()
-        .iter()
-        .map(|c| c.step)
-        .collect();
+    let kept = checkpoint_steps(&run);
     assert_eq!(kept, vec![40, 32]);
     for step in [40, 32] {
         assert!(run
@@ -331,12 +326,7 @@ fn divergence_stops_the_run_before_saving_and_names_the_checkpoint() {
     let stderr = stderr_of(&output);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("diverged"), "{stderr}");
-    let kept: Vec<u64> = checkpoints::run_checkpoints::CheckpointDir::new(&run)
-        .list()
-        .unwrap()
-        .iter()
-        .map(|c| c.step)
-        .collect();
+    let kept = checkpoint_steps(&run);
     // Nothing of the diverged steps was saved (the next checkpoint was due at step 24), and
     // the error names the checkpoint to go back to.
     assert_eq!(kept, vec![16, 8]);
@@ -481,11 +471,7 @@ fn twenty_sigkills_at_random_moments_resume_to_the_uninterrupted_end() {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut kills = 0;
     while kills < 20 && Instant::now() < deadline {
-        let newest = checkpoints::run_checkpoints::CheckpointDir::new(&run)
-            .list()
-            .unwrap()
-            .first()
-            .map_or(0, |c| c.step);
+        let newest = checkpoint_steps(&run).first().copied().unwrap_or(0);
         let mut child = sft_command(&test_config(), &run, &args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

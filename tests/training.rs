@@ -74,12 +74,7 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("stopped by signal at step"), "{stdout}");
-    let steps: Vec<u64> = checkpoints::run_checkpoints::CheckpointDir::new(&run)
-        .list()
-        .unwrap()
-        .iter()
-        .map(|c| c.step)
-        .collect();
+    let steps = checkpoint_steps(&run);
     assert!(steps[0] > 8 && steps[0] < 40, "newest checkpoint {steps:?}");
     // Resume from that checkpoint named explicitly.
     let named = checkpoint(&run, steps[0]);

@@ -198,3 +198,12 @@ pub fn resume_sampler(
         None => datasets::EpochSampler::new(len, seed),
     })
 }
+
+/// Saves a run's result table as `RUN/summary.md` and its numbers as `RUN/summary.json`.
+pub fn write_summary(run_dir: &Path, table: &str, numbers: &serde_json::Value) -> Result<()> {
+    checkpoints::atomic::write_file(&run_dir.join("summary.md"), table.as_bytes())?;
+    checkpoints::atomic::write_file(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(numbers)?.as_bytes(),
+    )
+}

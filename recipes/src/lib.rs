@@ -6,14 +6,17 @@ pub mod common;
 pub mod onpolicy_sft;
 pub mod sft;
 pub mod skipgpt;
+pub mod stages;
 pub mod verify;
 
 use anyhow::{bail, Result};
+use burn::tensor::backend::AutodiffBackend;
 use common::RunSection;
+use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
-use trainer::backend::DeviceSpec;
-use trainer::config::load_config;
-use trainer::distributed::{self, Cluster, Peer};
+use trainer::config::{load_config, Validate};
+use trainer::distributed::Cluster;
+use trainer::launch::{run_on_each_device, Launch};
 use trainer::train::Resume;
 use trainer::with_backend;
 
@@ -33,12 +36,6 @@ pub struct RecipeArgs {
     pub cluster: Option<Cluster>,
 }
 
-impl RecipeArgs {
-    fn is_data_parallel(&self) -> bool {
-        self.devices.len() > 1 || self.cluster.is_some()
-    }
-}
-
 /// One line of `trainer recipes`, and how to run it.
 pub struct RecipeInfo {
     pub name: &'static str,
@@ -53,19 +50,19 @@ pub const ALL: &[RecipeInfo] = &[
         name: "onpolicy-sft",
         summary: "shorter chains of thought: SFT on the model's own correct samples that finish inside a length cap",
         default_config: "recipes/configs/onpolicy-sft/tiny.toml",
-        run: run_onpolicy_sft,
+        run: launch::<onpolicy_sft::OnPolicyConfig>,
     },
     RecipeInfo {
         name: "skipgpt",
         summary: "token routers that skip attention and MLP per token (router stage, then LoRA); real skipping at inference",
         default_config: "recipes/configs/skipgpt/tiny.toml",
-        run: run_skipgpt,
+        run: launch::<skipgpt::SkipGptConfig>,
     },
     RecipeInfo {
         name: "sft",
         summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
         default_config: "recipes/configs/sft/tiny.toml",
-        run: run_sft,
+        run: launch::<sft::SftConfig>,
     },
 ];
 
@@ -76,152 +73,109 @@ pub fn find(name: &str) -> Result<&'static RecipeInfo> {
     })
 }
 
-fn no_stages(args: &RecipeArgs, recipe: &str) -> Result<()> {
-    match &args.stage {
-        Some(stage) => bail!("recipe {recipe} has no stages (got --stage {stage})"),
-        None => Ok(()),
+/// A recipe's config: its `[run]` table, its stages, and the run itself on any backend.
+pub trait RecipeConfig: DeserializeOwned + Validate + Clone + Sync {
+    /// The recipe's name, as `trainer recipe NAME` takes it.
+    const NAME: &'static str;
+
+    fn run_section(&mut self) -> &mut RunSection;
+
+    /// Applies `--stage NAME`; recipes without stages refuse it.
+    fn select_stage(&mut self, stage: &str) -> Result<()> {
+        bail!("recipe {} has no stages (got --stage {stage})", Self::NAME)
     }
+
+    /// The run on one device (one data-parallel peer).
+    fn run<B: AutodiffBackend>(
+        self,
+        resolved: &toml::Table,
+        resume: &Resume,
+        device: B::Device,
+    ) -> Result<()>;
 }
 
-fn run_sft(args: &RecipeArgs) -> Result<()> {
-    no_stages(args, "sft")?;
-    let (config, resolved): (sft::SftConfig, _) = load_config(&args.config, &args.overrides)?;
-    run_on_each_device(args, &config.run, |run, device| {
-        let config = sft::SftConfig {
-            run,
-            ..config.clone()
-        };
-        with_backend!(device, |B, device| sft::run::<burn::backend::Autodiff<B>>(
-            config,
-            &resolved,
-            &args.resume,
-            device
-        ))
-    })
-}
-
-/// Runs `work` once on the config's device, or, data-parallel, once per device of
-/// `--devices` on threads that are this node's peers of one run. `work` gets the config's
-/// `[run]` with its device set, and that device, checked to be usable.
-fn run_on_each_device(
-    args: &RecipeArgs,
-    run: &RunSection,
-    work: impl Fn(RunSection, DeviceSpec) -> Result<()> + Sync,
-) -> Result<()> {
-    let devices = if args.devices.is_empty() {
-        vec![run.device.clone()]
-    } else {
-        args.devices.clone()
-    };
-    let specs = devices
-        .iter()
-        .map(|d| DeviceSpec::parse(d))
-        .collect::<Result<Vec<_>>>()?;
-    if specs
-        .iter()
-        .any(|s| std::mem::discriminant(s) != std::mem::discriminant(&specs[0]))
-    {
-        // Peers of different backends would join different collectives and wait forever.
-        bail!(
-            "--devices {} mixes CPU and GPU devices: a run uses one kind",
-            devices.join(",")
-        );
-    }
-    for spec in &specs {
-        spec.ensure_available()?;
-    }
-    // The leading node owns the run folder for the whole run (other nodes only read it, or
-    // write their own peers/N).
-    let leads = args.cluster.as_ref().is_none_or(|c| c.node_rank == 0);
-    let _lock = match leads {
-        true => Some(trainer::run_dir::claim(
-            &run.dir,
-            &args.resume,
-            args.overwrite,
-        )?),
-        false => None,
-    };
-    let work = |index: usize| {
-        let run = RunSection {
-            device: devices[index].clone(),
-            ..run.clone()
-        };
-        work(run, specs[index])
-    };
-    if !args.is_data_parallel() {
-        return work(0);
-    }
-    std::thread::scope(|scope| {
-        let peers: Vec<_> = (0..devices.len())
-            .map(|local_rank| {
-                let peer = Peer::new(local_rank, devices.len(), args.cluster.as_ref());
-                let rank = peer.rank();
-                let work = &work;
-                std::thread::Builder::new()
-                    .name(format!("peer-{local_rank}"))
-                    // Backward passes recurse through the graph: give peers the main thread's room.
-                    .stack_size(64 << 20)
-                    .spawn_scoped(scope, move || {
-                        let outcome = distributed::run_as(peer, || {
-                            let outcome = work(local_rank);
-                            if outcome.is_ok() {
-                                distributed::leave();
-                            }
-                            outcome
-                        });
-                        if let Err(error) = &outcome {
-                            // The other peers would wait for this one forever: end the run.
-                            eprintln!("error: data-parallel peer {rank}: {error:#}");
-                            std::process::exit(1);
-                        }
-                        outcome
-                    })
-            })
-            .collect::<std::io::Result<_>>()?;
-        for (rank, peer) in peers.into_iter().enumerate() {
-            peer.join()
-                .map_err(|_| anyhow::anyhow!("data-parallel peer {rank} panicked"))??;
-        }
-        Ok(())
-    })
-}
-
-fn run_onpolicy_sft(args: &RecipeArgs) -> Result<()> {
-    no_stages(args, "onpolicy-sft")?;
-    let (config, resolved): (onpolicy_sft::OnPolicyConfig, _) =
-        load_config(&args.config, &args.overrides)?;
-    run_on_each_device(args, &config.run, |run, device| {
-        let config = onpolicy_sft::OnPolicyConfig {
-            run,
-            ..config.clone()
-        };
-        with_backend!(device, |B, device| onpolicy_sft::run::<
-            burn::backend::Autodiff<B>,
-        >(
-            config,
-            &resolved,
-            &args.resume,
-            device
-        ))
-    })
-}
-
-fn run_skipgpt(args: &RecipeArgs) -> Result<()> {
-    let (mut config, resolved): (skipgpt::SkipGptConfig, _) =
-        load_config(&args.config, &args.overrides)?;
+/// Reads the recipe's config and runs it on each device of the call (see
+/// [`run_on_each_device`]).
+fn launch<C: RecipeConfig>(args: &RecipeArgs) -> Result<()> {
+    let (mut config, resolved): (C, _) = load_config(&args.config, &args.overrides)?;
     if let Some(stage) = &args.stage {
-        config.stages = vec![skipgpt::Stage::parse(stage)?];
+        config.select_stage(stage)?;
     }
-    run_on_each_device(args, &config.run, |run, device| {
-        let config = skipgpt::SkipGptConfig {
-            run,
-            ..config.clone()
-        };
-        with_backend!(
-            device,
-            |B, device| skipgpt::run::<burn::backend::Autodiff<B>>(config, &resolved, device)
-        )
+    let run = config.run_section().clone();
+    let launch = Launch {
+        devices: &args.devices,
+        config_device: &run.device,
+        cluster: args.cluster.as_ref(),
+        run_dir: &run.dir,
+        resume: &args.resume,
+        overwrite: args.overwrite,
+    };
+    run_on_each_device(&launch, |device, spec| {
+        let mut config = config.clone();
+        config.run_section().device = device;
+        with_backend!(spec, |B, device| config.run::<burn::backend::Autodiff<B>>(
+            &resolved,
+            &args.resume,
+            device
+        ))
     })
+}
+
+impl RecipeConfig for sft::SftConfig {
+    const NAME: &'static str = "sft";
+
+    fn run_section(&mut self) -> &mut RunSection {
+        &mut self.run
+    }
+
+    fn run<B: AutodiffBackend>(
+        self,
+        resolved: &toml::Table,
+        resume: &Resume,
+        device: B::Device,
+    ) -> Result<()> {
+        sft::run::<B>(self, resolved, resume, device)
+    }
+}
+
+impl RecipeConfig for onpolicy_sft::OnPolicyConfig {
+    const NAME: &'static str = "onpolicy-sft";
+
+    fn run_section(&mut self) -> &mut RunSection {
+        &mut self.run
+    }
+
+    fn run<B: AutodiffBackend>(
+        self,
+        resolved: &toml::Table,
+        resume: &Resume,
+        device: B::Device,
+    ) -> Result<()> {
+        onpolicy_sft::run::<B>(self, resolved, resume, device)
+    }
+}
+
+impl RecipeConfig for skipgpt::SkipGptConfig {
+    const NAME: &'static str = "skipgpt";
+
+    fn run_section(&mut self) -> &mut RunSection {
+        &mut self.run
+    }
+
+    fn select_stage(&mut self, stage: &str) -> Result<()> {
+        self.stages = vec![skipgpt::Stage::parse(stage)?];
+        Ok(())
+    }
+
+    /// Stages resume by themselves (`--resume auto` lets a run folder be continued at all).
+    fn run<B: AutodiffBackend>(
+        self,
+        resolved: &toml::Table,
+        _resume: &Resume,
+        device: B::Device,
+    ) -> Result<()> {
+        skipgpt::run::<B>(self, resolved, device)
+    }
 }
 
 /// The default config path of a recipe, relative to the repository root.

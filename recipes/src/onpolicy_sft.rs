@@ -13,7 +13,8 @@
 //! synthetic task's verbose solutions; otherwise `[model]` names the base.
 
 use crate::common::{prepare_run_dir, ModelSection, RunSection};
-use crate::sft::{train_stage, DataReport, SftStage, StageContext};
+use crate::sft::DataReport;
+use crate::stages::{train_stage, SftStage, StageContext};
 use crate::verify::{Judged, Verifier, VerifierConfig};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
@@ -47,7 +48,6 @@ pub struct OnPolicyConfig {
     pub lora: Option<LoraConfig>,
 }
 
-/// Plain SFT on `count` verbose solutions of the synthetic task before on-policy training.
 impl Validate for OnPolicyConfig {
     fn validate(&self, _: &str) -> Result<()> {
         self.model.validate("model")?;
@@ -87,6 +87,7 @@ fn ensure_at_least(key: &str, value: usize, min: usize) -> Result<()> {
     trainer::config::ensure(value >= min, key, value, &format!("at least {min}"))
 }
 
+/// Plain SFT on `count` verbose solutions of the synthetic task before on-policy training.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WarmupSection {
@@ -631,12 +632,7 @@ pub fn run<B: AutodiffBackend>(
                 .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
                 .collect();
             let stats = trainer.train_step(&micro_batches)?;
-            scalars.extend([
-                ("loss", stats.loss),
-                ("lr", stats.lr),
-                ("grad_norm", stats.grad_norm),
-                ("train_tokens_per_s", stats.tokens as f64 / stats.seconds),
-            ]);
+            scalars.extend(stats.scalars());
         }
         let eval_numbers;
         if trainer.should_evaluate() && peer.is_leader() {
@@ -667,12 +663,8 @@ fn write_summary(
 ) -> Result<()> {
     let table = summary_table(base, trained, eval_prompts);
     println!("{table}");
-    checkpoints::atomic::write_file(&config.run.dir.join("summary.md"), table.as_bytes())?;
     let summary = json!({ "base": base, "trained": trained, "eval_prompts": eval_prompts });
-    checkpoints::atomic::write_file(
-        &config.run.dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )
+    crate::common::write_summary(&config.run.dir, &table, &summary)
 }
 
 /// The base-versus-trained comparison printed at the end and saved as summary.md.

@@ -21,7 +21,7 @@
 //! (`router.noise_fade = [start, end]`, fractions of the stage).
 
 use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
-use crate::sft::{finished_stage, train_stage, SftStage, StageContext};
+use crate::stages::{finished_stage, train_stage, SftStage, StageContext};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
@@ -490,17 +490,14 @@ fn router_stage<B: AutodiffBackend>(
             .sum_over_peers(&[lm_loss.get(), train_keep.get()])?
             .try_into()
             .expect("two sums");
-        let mut scalars = vec![
-            ("loss", stats.loss),
+        let mut scalars = stats.scalars();
+        scalars.extend([
             ("lm_loss", lm_loss),
             ("keep", keep_sum / peer.world() as f64),
             ("keep_target", schedule.keep_target),
             ("temperature", schedule.temperature),
             ("noise_scale", schedule.noise_scale),
-            ("lr", stats.lr),
-            ("grad_norm", stats.grad_norm),
-            ("train_tokens_per_s", stats.tokens as f64 / stats.seconds),
-        ];
+        ]);
         if trainer.should_evaluate() && !eval_batches.is_empty() && peer.is_leader() {
             let eval = evaluate_routed(&trainer.eval_model(), eval_batches);
             scalars.push(("eval_perplexity", eval.perplexity));
@@ -653,11 +650,7 @@ fn report<B: AutodiffBackend>(
         .iter()
         .map(|(name, eval)| (name.clone(), json!(eval)))
         .collect();
-    checkpoints::atomic::write_file(&config.run.dir.join("summary.md"), table.as_bytes())?;
-    checkpoints::atomic::write_file(
-        &config.run.dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )
+    crate::common::write_summary(&config.run.dir, &table, &summary.into())
 }
 
 #[cfg(test)]

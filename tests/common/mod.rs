@@ -139,6 +139,16 @@ pub fn wait_for_checkpoint(child: &mut Child, run_dir: &Path, step: u64) {
     }
 }
 
+/// Steps of the checkpoints in a run folder, newest first.
+pub fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
+    checkpoints::run_checkpoints::CheckpointDir::new(run_dir)
+        .list()
+        .unwrap()
+        .iter()
+        .map(|c| c.step)
+        .collect()
+}
+
 /// Every tensor of a checkpoint's model, in name order.
 pub fn model_tensors(checkpoint_dir: &Path) -> Vec<(String, Vec<f32>)> {
     let source = WeightSource::open(&[checkpoint_dir.join("model.safetensors")]).unwrap();

@@ -7,6 +7,7 @@ pub mod config;
 pub mod distributed;
 pub mod export;
 pub mod generate;
+pub mod launch;
 pub mod lora;
 pub mod loss;
 pub mod metrics;

@@ -5,13 +5,30 @@
 //! holder's pid. A folder that already holds a run is continued only with `--resume`, or
 //! moved aside with `--overwrite`; nothing in it is deleted or silently replaced.
 
-use crate::train::Resume;
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 pub const LOCK_FILE: &str = ".lock";
+
+/// `--resume`: start fresh, continue from the newest valid checkpoint, or from a given one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    No,
+    Auto,
+    From(PathBuf),
+}
+
+impl Resume {
+    pub fn parse(text: Option<&str>) -> Self {
+        match text {
+            None => Self::No,
+            Some("auto") => Self::Auto,
+            Some(path) => Self::From(PathBuf::from(path)),
+        }
+    }
+}
 
 /// The lock on a run folder; dropping it (or the process ending) releases it.
 #[derive(Debug)]

@@ -159,23 +159,7 @@ impl TrainConfig {
     }
 }
 
-/// `--resume`: start fresh, continue from the newest valid checkpoint, or from a given one.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resume {
-    No,
-    Auto,
-    From(PathBuf),
-}
-
-impl Resume {
-    pub fn parse(text: Option<&str>) -> Self {
-        match text {
-            None => Self::No,
-            Some("auto") => Self::Auto,
-            Some(path) => Self::From(PathBuf::from(path)),
-        }
-    }
-}
+pub use crate::run_dir::Resume;
 
 /// The run's resolved config (config.toml) as JSON, for the W&B run's config.
 fn resolved_config(run_dir: &Path) -> Value {
@@ -414,6 +398,19 @@ pub struct StepStats {
     pub lr: f64,
     pub tokens: usize,
     pub seconds: f64,
+}
+
+impl StepStats {
+    /// The numbers every recipe logs for a step: loss, learning rate, gradient norm and
+    /// training throughput.
+    pub fn scalars(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("loss", self.loss),
+            ("lr", self.lr),
+            ("grad_norm", self.grad_norm),
+            ("train_tokens_per_s", self.tokens as f64 / self.seconds),
+        ]
+    }
 }
 
 /// What a recipe does after a step.
