@@ -104,6 +104,17 @@ impl SeriesBatch {
     }
 }
 
+impl SeriesBatch {
+    /// Rows `range` of the batch (a data-parallel peer's shard).
+    fn rows(&self, range: std::ops::Range<usize>) -> Self {
+        let width = WINDOW * FEATURES;
+        Self {
+            inputs: self.inputs[range.start * width..range.end * width].to_vec(),
+            targets: self.targets[range].to_vec(),
+        }
+    }
+}
+
 impl MicroBatch for SeriesBatch {
     fn num_targets(&self) -> usize {
         self.targets.len()
@@ -120,8 +131,11 @@ fn mse<B: Backend>(
     share: MicroBatchShare,
 ) -> Tensor<B, 1> {
     let device = model.decoder.device();
-    let inputs = Tensor::<B, 1>::from_floats(batch.inputs.as_slice(), &device)
-        .reshape([BATCH, WINDOW, FEATURES]);
+    let inputs = Tensor::<B, 1>::from_floats(batch.inputs.as_slice(), &device).reshape([
+        batch.targets.len(),
+        WINDOW,
+        FEATURES,
+    ]);
     let targets = Tensor::<B, 1>::from_floats(batch.targets.as_slice(), &device);
     (model.predict(inputs) - targets)
         .square()
@@ -284,4 +298,63 @@ fn lora_attaches_to_the_language_model_inside_a_custom_module() {
     assert!(moved
         .iter()
         .any(|n| n.starts_with("decoder.model.layers.0.self_attn.q_proj")));
+}
+
+/// Three steps of the regressor on the batches `batch_for(step)` gives, as the current
+/// thread's peer; the weights at the end.
+fn three_steps(batch_for: impl Fn(u64) -> SeriesBatch, dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let model = Regressor::<CpuAutodiff>::new(&Default::default());
+    let config: TrainConfig = toml::from_str("steps = 3\nbatch_size = 4\nlr = 0.01").unwrap();
+    let (mut trainer, _) = Trainer::start(model, config, None, 0, dir, &Resume::No).unwrap();
+    while !trainer.is_done() {
+        let batch = batch_for(trainer.step);
+        trainer.train_step_on(&[batch], &mse).unwrap();
+    }
+    trainer::weights::named_tensors(&trainer.model)
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.data))
+        .collect()
+}
+
+#[test]
+fn data_parallel_peers_sum_the_gradients_of_a_custom_module() {
+    let alone = three_steps(SeriesBatch::for_step, &fresh("dp-alone"));
+    let dir = fresh("dp-peers");
+    let (first, second) = std::thread::scope(|scope| {
+        let peer = |rank| trainer::distributed::Peer::new(rank, 2, None);
+        let half = |rank: usize| {
+            let dir = dir.clone();
+            move || {
+                trainer::distributed::run_as(peer(rank), || {
+                    three_steps(
+                        |step| SeriesBatch::for_step(step).rows(rank * 4..rank * 4 + 4),
+                        &dir,
+                    )
+                })
+            }
+        };
+        let first = scope.spawn(half(0));
+        let second = scope.spawn(half(1));
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    assert_eq!(first, second, "peers ended on different weights");
+    for ((name, a), (_, b)) in first.iter().zip(&alone) {
+        let gap = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            gap < 1e-5,
+            "{name}: two half batches differ from the whole by {gap}"
+        );
+    }
+    let moved = alone
+        .iter()
+        .zip(three_steps(
+            |_| SeriesBatch::for_step(99),
+            &fresh("dp-other"),
+        ))
+        .any(|((_, a), (_, b))| a != &b);
+    assert!(moved, "the data must matter for this test to mean anything");
 }

@@ -4,10 +4,12 @@
 //! Field names mirror the Hugging Face checkpoint keys (`model.layers.0.self_attn.q_proj.weight`),
 //! so a parameter's module path is its key in `model.safetensors`.
 //!
-//! Built for the recipes: attention takes an explicit mask and explicit position ids, each
-//! layer can gate its attention and MLP per token, the layers can be driven one by one (so a
-//! recipe may shorten or extend the hidden sequence between them), and every linear can carry
-//! a LoRA adapter.
+//! One decoder loop, [`CausalLm::decode`], over any input embeddings in an attention
+//! [`Context`] (position ids, validity, optional mask or bias), reading and writing per-layer
+//! key/value stores; how each layer runs (dense, gated, skipping) is data from a plan, so the
+//! methods that change how layers run live with their recipes, not here. A recipe that edits
+//! the sequence between layers drives them one by one with [`CausalLm::run_layer`]. Every
+//! linear can carry a LoRA adapter.
 
 pub use super::attention::{Context, KvAccess, KvCache, LayerKv, TokenSlots};
 pub use super::config::{LlamaConfig, RopeScaling, SKIP_ROUTERS_KEY};
