@@ -233,6 +233,7 @@ fn run(cli: Cli) -> Result<()> {
                 "verbose" => Style::Verbose,
                 other => bail!("unknown style `{other}` (concise or verbose)"),
             };
+            trainer::config::ensure_count("--count", args.count)?;
             let pairs = arithmetic_pairs(args.seed, args.first, args.count, style);
             datasets::records::write_jsonl(&args.out, &pairs)?;
             println!("wrote {} problems to {}", pairs.len(), args.out.display());

@@ -210,12 +210,15 @@ impl<B: Backend> Context<B> {
     }
 }
 
-/// One layer's keys and values `[batch, kv_heads, len, head_dim]` and the slots of their tokens.
+/// One layer's keys and values `[batch, kv_heads, len, head_dim]` and the slots of their
+/// tokens. A store written under explicit masks keeps no slots (generation needs none, and
+/// skipping them keeps decoding as cheap as before): it must then always be read under
+/// explicit masks.
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
     pub keys: Tensor<B, 4>,
     pub values: Tensor<B, 4>,
-    pub slots: TokenSlots<B>,
+    pub slots: Option<TokenSlots<B>>,
 }
 
 impl<B: Backend> LayerKv<B> {
@@ -231,8 +234,19 @@ impl<B: Backend> LayerKv<B> {
         Self {
             keys: Tensor::cat(vec![self.keys, newer.keys], 2),
             values: Tensor::cat(vec![self.values, newer.values], 2),
-            slots: TokenSlots::cat(vec![self.slots, newer.slots]),
+            slots: match (self.slots, newer.slots) {
+                (Some(old), Some(new)) => Some(TokenSlots::cat(vec![old, new])),
+                _ => None,
+            },
         }
+    }
+
+    /// The slots, which masks implied by the tokens need.
+    fn slots(&self) -> &TokenSlots<B> {
+        self.slots.as_ref().expect(
+            "this key/value store was written under explicit masks and keeps no token slots: \
+             read it under explicit masks too",
+        )
     }
 }
 
@@ -327,7 +341,7 @@ impl<B: Backend> Attention<B> {
                 .rope
                 .apply(self.split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads)),
             values: self.split_heads(self.v_proj.forward(x), self.num_kv_heads),
-            slots: context.tokens.clone(),
+            slots: context.allowed.is_none().then(|| context.tokens.clone()),
         };
         let own = match kv.cache {
             Some(slot) => {
@@ -343,12 +357,12 @@ impl<B: Backend> Attention<B> {
         let allowed = match &context.allowed {
             Some(allowed) => allowed.clone(),
             None => {
-                let own_mask = context.tokens.may_see(&own.slots);
+                let own_mask = context.tokens.may_see(own.slots());
                 match kv.prefix {
                     Some(prefix) => {
                         let [batch, _, queries, _] = own_mask.dims();
                         let visible = prefix
-                            .slots
+                            .slots()
                             .valid
                             .clone()
                             .int()

@@ -130,7 +130,13 @@ impl<B: Backend> DecoderLayer<B> {
                 sin: rows(context.rope.sin.clone()),
             };
             // Through ints: selecting rows of a bool tensor loses its dtype on Flex.
-            let blocked = rows(keys.blocked.clone().int().float()).equal_elem(1.0);
+            let blocked = keys
+                .blocked
+                .clone()
+                .slice(s![row..row + 1])
+                .int()
+                .select(2, at.clone())
+                .equal_elem(1);
             let x = normed
                 .clone()
                 .slice([row..row + 1, 0..seq, 0..dim])
