@@ -65,6 +65,16 @@ fn default_init_std() -> f32 {
     0.02
 }
 
+impl ModelSection {
+    /// The Hugging Face folder the model is loaded from, as an absolute path (what exported
+    /// adapters name as their base); `None` for a model made from scratch.
+    pub fn base_folder(&self) -> Option<PathBuf> {
+        self.path
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+    }
+}
+
 impl Validate for ModelSection {
     fn validate(&self, prefix: &str) -> Result<()> {
         let Some(shape) = &self.scratch else {

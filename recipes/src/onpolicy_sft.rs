@@ -470,7 +470,7 @@ pub fn run<B: AutodiffBackend>(
     let seed = config.run.seed;
     let loaded = config.model.load::<B>(&config.run, &device)?;
     let (tokenizer, tokenizer_dir) = (loaded.tokenizer, loaded.tokenizer_dir);
-    let model = match &config.warmup {
+    let (model, base_folder) = match &config.warmup {
         Some(warmup) => match warm_up(
             loaded.model,
             &tokenizer,
@@ -479,10 +479,13 @@ pub fn run<B: AutodiffBackend>(
             &config,
             resolved,
         )? {
-            Some(dir) => config.run.load_model::<B>(&dir, &device)?,
+            Some(dir) => (
+                config.run.load_model::<B>(&dir, &device)?,
+                std::path::absolute(&dir).ok(),
+            ),
             None => return Ok(()), // stopped by a signal
         },
-        None => loaded.model,
+        None => (loaded.model, config.model.base_folder()),
     };
     let mut stop_tokens = model.config.eos_token_ids.clone();
     stop_tokens.extend(tokenizer.stop_ids());
@@ -513,6 +516,7 @@ pub fn run<B: AutodiffBackend>(
         &config.run.dir,
         resume,
     )?;
+    trainer.base_model = base_folder;
     let (mut prompts, base) = match saved {
         Some(state) => (
             EpochSampler::resume(

@@ -184,6 +184,7 @@ pub fn run<B: AutodiffBackend>(
         &config.run.dir,
         resume,
     )?;
+    trainer.base_model = config.model.base_folder();
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
     leader_println!(
         "sft: {} training rows, {} held out, {} steps of {} x {} sequences x {} peer(s)",

@@ -47,7 +47,13 @@ pub fn export_checkpoint(checkpoint_dir: &Path, out: &Path, dtype: StoreDtype) -
         .and_then(Path::parent)
         .map(|run| run.join(RUN_TOKENIZER_DIR))
         .filter(|dir| dir.exists());
-    let base_name = out.display().to_string();
+    // The adapter's base is the folder the run started from; a model trained from scratch has
+    // none on disk, and the merged export is named instead.
+    let state = open_checkpoint(checkpoint_dir)?.state()?;
+    let base_name = state["base_model"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| out.display().to_string());
     write_export(
         model,
         lora.as_ref(),

@@ -462,6 +462,9 @@ pub struct Trainer<B: AutodiffBackend, M: Trainable<B> = CausalLm<B>> {
     pub lineage: String,
     /// The checkpoint this process saved last.
     last_saved: Option<Checkpoint>,
+    /// The Hugging Face folder the trained model was loaded from, if any: exported PEFT
+    /// adapters name it as their base (set by the recipe after `start`).
+    pub base_model: Option<PathBuf>,
     divergence: DivergenceWatch,
 }
 
@@ -626,6 +629,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             wandb: None,
             lineage,
             last_saved: None,
+            base_model: None,
             divergence: DivergenceWatch::default(),
             stop: stop_requested(),
             peer,
@@ -1025,6 +1029,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
     pub fn save_checkpoint(&mut self, recipe_state: Value) -> Result<Checkpoint> {
         let state = json!({
             "lineage": self.lineage,
+            "base_model": self.base_model,
             "step": self.step,
             "optimizer_steps": self.optimizer.steps,
             "seed": self.seed,
