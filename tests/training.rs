@@ -393,6 +393,51 @@ fn peft_adapters_read_and_written_like_peft() {
     );
 }
 
+/// The model folder's side files reach `final/` and exports, and config.json says its dtype in
+/// both the transformers 4 and 5 keys.
+#[test]
+fn exports_carry_the_generation_config_and_chat_template() {
+    let model = scratch_dir("side-files-model");
+    copy_dir(&repo_root().join("tests/fixtures/hf/llama-gqa"), &model);
+    let template =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+    std::fs::write(model.join("chat_template.jinja"), template).unwrap();
+    assert!(model.join("generation_config.json").exists());
+    let run = scratch_dir("side-files-run");
+    run_to_end(sft_command(
+        &repo_root().join("tests/fixtures/configs/sft-lora-peft.toml"),
+        &run,
+        &["--set", &format!("model.path={}", model.display())],
+    ));
+    let out = scratch_dir("side-files-export");
+    let exported = Command::new(trainer_bin())
+        .args(["export", "--model"])
+        .arg(run.join("final"))
+        .args(["--dtype", "bf16", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_succeeded(&exported);
+    for dir in [run.join("final"), out.clone()] {
+        for file in [
+            "generation_config.json",
+            "chat_template.jinja",
+            "tokenizer.json",
+        ] {
+            assert_eq!(
+                std::fs::read(dir.join(file)).unwrap(),
+                std::fs::read(model.join(file)).unwrap(),
+                "{}: {file}",
+                dir.display()
+            );
+        }
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
+    assert_eq!(config["torch_dtype"], "bfloat16");
+}
+
 /// A PEFT adapter we cannot compute is refused with the reason, not loaded wrongly.
 #[test]
 fn unsupported_peft_adapters_are_refused_by_name() {

@@ -14,6 +14,15 @@ pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
+/// The files beside the weights that a model folder carries along: tokenizer, chat template,
+/// special tokens, generation defaults. Copied into run folders and into every export.
+pub const SIDE_FILES: [&str; 5] = [
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    GENERATION_CONFIG_FILE,
+];
 
 /// Parses a JSON file; errors name the file (and the line and column for bad JSON).
 pub fn read_json(path: &Path) -> Result<Value> {
@@ -117,18 +126,16 @@ pub fn save_hf_folder(
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut config = config.clone();
+    // `dtype` is what transformers 5 reads, `torch_dtype` what 4 reads.
     config["torch_dtype"] = Value::String(dtype.torch_name().into());
+    config["dtype"] = Value::String(dtype.torch_name().into());
     let config_text = serde_json::to_string_pretty(&config)? + "\n";
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&out_dir.join(WEIGHTS_FILE), tensors, dtype, Some(metadata))?;
     // A stale index would point loaders at old shards: the single file replaces it.
     let _ = std::fs::remove_file(out_dir.join(WEIGHTS_INDEX_FILE));
     if let Some(source_dir) = tokenizer_from {
-        for file in [
-            TOKENIZER_FILE,
-            TOKENIZER_CONFIG_FILE,
-            GENERATION_CONFIG_FILE,
-        ] {
+        for file in SIDE_FILES {
             let from = source_dir.join(file);
             if from.exists() && source_dir != out_dir {
                 let bytes = std::fs::read(&from)

@@ -158,7 +158,8 @@ impl ModelSection {
     }
 }
 
-/// Creates the run folder, writes the resolved config and a copy of the tokenizer files
+/// Creates the run folder, writes the resolved config and a copy of the model folder's side
+/// files (tokenizer, chat template, generation defaults), which every export carries along
 /// (the leading peer only).
 pub fn prepare_run_dir(run_dir: &Path, resolved: &toml::Table, tokenizer_dir: &Path) -> Result<()> {
     // In a data-parallel run the leading peer writes the run folder; the others only read.
@@ -170,11 +171,7 @@ pub fn prepare_run_dir(run_dir: &Path, resolved: &toml::Table, tokenizer_dir: &P
     trainer::run_dir::write_config(run_dir, &trainer::config::to_toml(resolved))?;
     let copy = run_dir.join(RUN_TOKENIZER_DIR);
     std::fs::create_dir_all(&copy)?;
-    for file in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    ] {
+    for file in checkpoints::hf_folder::SIDE_FILES {
         let from = tokenizer_dir.join(file);
         if from.exists() {
             std::fs::copy(&from, copy.join(file))
