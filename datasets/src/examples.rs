@@ -129,6 +129,9 @@ pub fn tokenize_record(
             row.push(&prompt, false);
             row.push(&answer, true);
         }
+        Record::Text { text } => {
+            row.push(&tokenizer.encode(text, true)?, true);
+        }
         Record::Chat { messages } => {
             if template != Template::Chat {
                 bail!("chat records need `template = \"chat\"`");
