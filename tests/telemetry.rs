@@ -366,3 +366,38 @@ fn plots_have_one_png_per_metric() {
     assert!(status.status.success());
     assert!(run.join("plots/loss.png").exists());
 }
+
+/// In a terminal (a pseudo-terminal from `script`), the progress bar appears only once
+/// training starts: no empty bar is left above the run's start line.
+#[test]
+fn the_progress_bar_starts_below_the_start_line() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` (util-linux) to run the binary in a terminal");
+        return;
+    }
+    let run = scratch_dir("progress-tty");
+    let command = format!(
+        "{} recipe sft --config {} --set run.dir={}",
+        trainer_bin(),
+        test_config().display(),
+        run.display()
+    );
+    let output = Command::new("script")
+        .args(["-q", "-c", &command, "/dev/null"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let start = text
+        .find("sft: ")
+        .unwrap_or_else(|| panic!("no start line in {text:?}"));
+    assert!(
+        !text[..start].contains("/40"),
+        "a bar was drawn before the start line: {:?}",
+        &text[..start]
+    );
+    assert!(
+        text[start..].contains("40/40"),
+        "the bar reached the end: {text:?}"
+    );
+}

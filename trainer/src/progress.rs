@@ -1,35 +1,30 @@
 //! Progress on the terminal: a live bar (step, loss, learning rate, tokens/s, ETA) when
-//! stdout is a terminal, plain log lines every `log_every` steps when it is not.
+//! stdout is a terminal, plain log lines every `log_every` steps when it is not. The bar is
+//! drawn from the first step on, so that what a recipe prints before training (its start line)
+//! is not left below an empty bar.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::OnceCell;
 use std::io::IsTerminal;
 
 pub struct Progress {
-    bar: Option<ProgressBar>,
+    /// `Some` on a terminal; the bar itself is made at the first step.
+    bar: Option<OnceCell<ProgressBar>>,
     label: String,
     total: u64,
+    /// The step the bar starts at (non-zero after a resume).
+    position: u64,
     log_every: u64,
 }
 
 impl Progress {
     /// A bar for `total` steps starting at `position` (non-zero after a resume).
     pub fn new(label: &str, total: u64, position: u64, log_every: u64) -> Self {
-        let bar = std::io::stdout().is_terminal().then(|| {
-            let bar = ProgressBar::new(total).with_position(position);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
-                )
-                .expect("valid template"),
-            );
-            bar.set_prefix(label.to_string());
-            bar.reset_eta();
-            bar
-        });
         Self {
-            bar,
+            bar: std::io::stdout().is_terminal().then(OnceCell::new),
             label: label.to_string(),
             total,
+            position,
             log_every,
         }
     }
@@ -40,14 +35,33 @@ impl Progress {
             bar: None,
             label: label.to_string(),
             total,
+            position: 0,
             log_every: 0,
         }
+    }
+
+    /// The bar, made and first drawn now if it was not yet.
+    fn bar(&self) -> Option<&ProgressBar> {
+        self.bar.as_ref().map(|cell| {
+            cell.get_or_init(|| {
+                let bar = ProgressBar::new(self.total).with_position(self.position);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix} {bar:30} {pos}/{len} {msg} [{elapsed} < {eta}]",
+                    )
+                    .expect("valid template"),
+                );
+                bar.set_prefix(self.label.clone());
+                bar.reset_eta();
+                bar
+            })
+        })
     }
 
     /// Shows the numbers of `step`: always on the bar, every `log_every` steps as a line.
     pub fn update(&self, step: u64, scalars: &[(&str, f64)]) {
         let text = format_scalars(scalars);
-        match &self.bar {
+        match self.bar() {
             Some(bar) => {
                 bar.set_position(step);
                 bar.set_message(text);
@@ -63,14 +77,14 @@ impl Progress {
 
     /// Prints a line above the bar (or plainly).
     pub fn println(&self, line: &str) {
-        match &self.bar {
+        match self.bar.as_ref().and_then(OnceCell::get) {
             Some(bar) => bar.println(line),
             None => println!("{line}"),
         }
     }
 
     pub fn finish(&self) {
-        if let Some(bar) = &self.bar {
+        if let Some(bar) = self.bar.as_ref().and_then(OnceCell::get) {
             bar.finish();
         }
     }

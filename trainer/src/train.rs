@@ -618,7 +618,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         let mut trainer = Self {
             model,
             optimizer: AdamW::new(adam),
-            progress: Progress::new(&run_name, config.steps, 0, config.log_every),
+            progress: Progress::silent(&run_name, config.steps),
             config,
             lora,
             step: 0,
