@@ -384,6 +384,7 @@ fn the_progress_bar_starts_below_the_start_line() {
     );
     let output = Command::new("script")
         .args(["-q", "-c", &command, "/dev/null"])
+        .env("TERM", "xterm")
         .current_dir(repo_root())
         .output()
         .unwrap();
