@@ -29,6 +29,9 @@ struct ServerState {
     offset_errors: Vec<String>,
 }
 
+/// The entity the stand-in server gives runs that name none (the API key's default one).
+const DEFAULT_ENTITY: &str = "viewer-team";
+
 /// A W&B stand-in on 127.0.0.1: GraphQL (upsertBucket, RunResumeStatus) and file_stream.
 struct FakeWandb {
     url: String,
@@ -110,11 +113,22 @@ fn serve(
                     json!({ "data": { "model": { "bucket": { "historyLineCount": count } } } }),
                 )
             } else {
+                // Like the real service: a run without an entity goes to the key's default one,
+                // and the answer names it.
+                let entity = body["variables"]["entity"]
+                    .as_str()
+                    .unwrap_or(DEFAULT_ENTITY)
+                    .to_string();
+                let project =
+                    json!({ "name": body["variables"]["project"], "entity": { "name": entity } });
                 (
                     200,
-                    json!({ "data": { "upsertBucket": { "bucket": { "id": "x", "name": body["variables"]["name"] }, "inserted": true } } }),
+                    json!({ "data": { "upsertBucket": { "bucket": { "id": "x", "name": body["variables"]["name"], "project": project }, "inserted": true } } }),
                 )
             }
+        } else if path.starts_with("/files//") {
+            // An empty entity segment: the real service has no such path.
+            (404, json!({ "error": "not found" }))
         } else if path.ends_with("/file_stream") {
             if failures.load(Ordering::SeqCst) > 0 {
                 failures.fetch_sub(1, Ordering::SeqCst);
@@ -401,4 +415,40 @@ fn the_progress_bar_starts_below_the_start_line() {
         text[start..].contains("40/40"),
         "the bar reached the end: {text:?}"
     );
+}
+
+/// Without `entity` in the config, history goes to the entity the server named for the run
+/// (an empty path segment is not a path the real service answers).
+#[test]
+fn wandb_without_an_entity_streams_to_the_entity_the_server_named() {
+    let server = FakeWandb::start();
+    let run = scratch_dir("wandb-no-entity");
+    let output = Command::new(trainer_bin())
+        .current_dir(repo_root())
+        .env("WANDB_API_KEY", "test-key")
+        .env("WANDB_BASE_URL", &server.url)
+        .args(["recipe", "sft", "--config"])
+        .arg(test_config())
+        .args(["--set", &format!("run.dir={}", run.display())])
+        .args([
+            "--set",
+            "train.wandb.project=proj",
+            "--set",
+            "train.steps=6",
+        ])
+        .output()
+        .unwrap();
+    assert_succeeded(&output);
+    let streams: Vec<String> = server
+        .requests()
+        .into_iter()
+        .map(|r| r.path)
+        .filter(|p| p.ends_with("/file_stream"))
+        .collect();
+    assert!(!streams.is_empty(), "no history was sent");
+    for path in &streams {
+        assert_eq!(path, "/files/viewer-team/proj/wandb-no-entity/file_stream");
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("6 history lines, 0 unsent"), "{stdout}");
 }

@@ -100,7 +100,10 @@ impl Connection {
     }
 
     fn file_stream(&self, body: Value) -> Result<()> {
-        let entity = self.entity.as_deref().unwrap_or("");
+        let entity = self
+            .entity
+            .as_deref()
+            .context("no entity to stream history to")?;
         let url = format!(
             "{}/files/{entity}/{}/{}/file_stream",
             self.base_url, self.project, self.run
@@ -315,7 +318,7 @@ impl Sender_ {
                 .as_u64()
                 .unwrap_or(0) as usize;
         }
-        c.graphql(
+        let created = c.graphql(
             UPSERT_BUCKET,
             json!({
                 "name": c.run,
@@ -324,6 +327,15 @@ impl Sender_ {
                 "config": self.config.to_string(),
             }),
         )?;
+        if self.connection.entity.is_none() {
+            // Without `entity` in the config the run lives under the API key's default
+            // entity, which the server names here; history goes to that path.
+            let named = created["data"]["upsertBucket"]["bucket"]["project"]["entity"]["name"]
+                .as_str()
+                .filter(|name| !name.is_empty())
+                .context("the server named no entity for the run: set train.wandb.entity")?;
+            self.connection.entity = Some(named.to_string());
+        }
         self.created = true;
         Ok(())
     }
