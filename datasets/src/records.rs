@@ -85,7 +85,7 @@ pub fn parse_record(value: &Value) -> Result<Record> {
     for name in fields.keys() {
         if let Some(known) = KNOWN_FIELDS
             .iter()
-            .find(|known| *known != name && edit_distance(known, name) <= 2)
+            .find(|known| *known != name && strsim::levenshtein(known, name) <= 2)
         {
             bail!("unknown field `{name}` (did you mean `{known}`?)");
         }
@@ -139,22 +139,6 @@ fn messages_of(value: &Value, key: &str) -> Result<Vec<ChatMessage>> {
         bail!("`{key}` is empty");
     }
     Ok(messages)
-}
-
-/// Levenshtein distance, for telling a misspelt field from an unrelated one.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut previous = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substitution = previous + (ca != cb) as usize;
-            previous = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
-        }
-    }
-    row[b.len()]
 }
 
 pub fn load_csv(path: &Path) -> Result<Vec<Record>> {
