@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +38,8 @@ struct FakeWandb {
     state: Arc<Mutex<ServerState>>,
     /// The next this many file_stream requests answer 500 (an outage).
     failures: Arc<AtomicUsize>,
+    /// After this many more file_stream requests the server stops answering for good.
+    answers_left: Arc<AtomicUsize>,
 }
 
 impl FakeWandb {
@@ -46,17 +48,30 @@ impl FakeWandb {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(ServerState::default()));
         let failures = Arc::new(AtomicUsize::new(0));
+        let answers_left = Arc::new(AtomicUsize::new(usize::MAX));
         let (thread_state, thread_failures) = (state.clone(), failures.clone());
+        let thread_answers_left = answers_left.clone();
         std::thread::spawn(move || {
+            let mut silent = Vec::new();
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let _ = serve(stream, &thread_state, &thread_failures);
+                if thread_answers_left.load(Ordering::SeqCst) == 0 {
+                    silent.push(stream); // held open, never answered
+                    continue;
+                }
+                let _ = serve(
+                    stream,
+                    &thread_state,
+                    &thread_failures,
+                    &thread_answers_left,
+                );
             }
         });
         Self {
             url,
             state,
             failures,
+            answers_left,
         }
     }
 
@@ -69,6 +84,7 @@ fn serve(
     mut stream: TcpStream,
     state: &Mutex<ServerState>,
     failures: &AtomicUsize,
+    answers_left: &AtomicUsize,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -107,10 +123,17 @@ fn serve(
         if path == "/graphql" {
             let query = body["query"].as_str().unwrap_or("");
             if query.contains("RunResumeStatus") {
+                // As the service answers: the count, and the last lines as a JSON string of
+                // JSON-encoded lines.
                 let count = state.history.len();
+                let tail: Vec<String> = state.history[count.saturating_sub(10)..]
+                    .iter()
+                    .map(Value::to_string)
+                    .collect();
+                let tail = serde_json::to_string(&tail).unwrap();
                 (
                     200,
-                    json!({ "data": { "model": { "bucket": { "historyLineCount": count } } } }),
+                    json!({ "data": { "model": { "bucket": { "historyLineCount": count, "historyTail": tail } } } }),
                 )
             } else {
                 // Like the real service: a run without an entity goes to the key's default one,
@@ -130,6 +153,8 @@ fn serve(
             // An empty entity segment: the real service has no such path.
             (404, json!({ "error": "not found" }))
         } else if path.ends_with("/file_stream") {
+            let _ =
+                answers_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
             if failures.load(Ordering::SeqCst) > 0 {
                 failures.fetch_sub(1, Ordering::SeqCst);
                 (500, json!({ "error": "outage" }))
@@ -161,25 +186,18 @@ fn serve(
     stream.flush()
 }
 
+/// The `_step` of each line the server holds, in order.
+fn history_steps(history: &[Value]) -> Vec<u64> {
+    history
+        .iter()
+        .map(|l| l["_step"].as_u64().unwrap())
+        .collect()
+}
+
 fn sft(run_dir: &Path, wandb_url: &str, extra: &[&str]) -> Output {
-    let config = repo_root().join("tests/fixtures/configs/sft-tiny-test.toml");
-    let mut command = Command::new(trainer_bin());
-    command
-        .current_dir(repo_root())
-        .env("WANDB_API_KEY", "test-key")
-        .env("WANDB_BASE_URL", wandb_url)
-        .args(["recipe", "sft", "--config", config.to_str().unwrap()])
-        .args(["--set", &format!("run.dir={}", run_dir.display())])
-        .args([
-            "--set",
-            "train.wandb.project=proj",
-            "--set",
-            "train.wandb.entity=team",
-            "--set",
-            "train.wandb.name=run-1",
-        ])
-        .args(extra);
-    command.output().unwrap()
+    wandb_sft_command(run_dir, wandb_url, extra)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -272,23 +290,15 @@ fn wandb_receives_every_line_once_across_outage_and_resume() {
 
     let state = server.state.lock().unwrap();
     assert!(state.offset_errors.is_empty(), "{:?}", state.offset_errors);
-    let steps: Vec<u64> = state
-        .history
-        .iter()
-        .map(|l| l["step"].as_u64().unwrap())
-        .collect();
     assert_eq!(
-        steps,
+        history_steps(&state.history),
         (1..=18).collect::<Vec<_>>(),
-        "every line exactly once, in order"
+        "every line exactly once, in order, `_step` the training step"
     );
-    let wandb_steps: Vec<u64> = state
-        .history
-        .iter()
-        .map(|l| l["_step"].as_u64().unwrap())
-        .collect();
-    assert_eq!(wandb_steps, (0..18).collect::<Vec<_>>());
-    assert!(state.history.iter().all(|l| l["loss"].is_number()));
+    for name in ["train/loss", "train/learning_rate", "train/grad_norm"] {
+        assert!(state.history.iter().all(|l| l[name].is_number()), "{name}");
+    }
+    assert!(state.history[11]["eval/loss"].is_number());
 }
 
 #[test]
@@ -451,4 +461,315 @@ fn wandb_without_an_entity_streams_to_the_entity_the_server_named() {
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("6 history lines, 0 unsent"), "{stdout}");
+}
+
+/// SIGKILLed twice after the server received steps past the newest checkpoint, then resumed
+/// to the end: the server holds every training step exactly once, `_step` the training
+/// step, the values of metrics.jsonl, and the run's `complete`.
+#[test]
+fn wandb_holds_each_step_once_after_sigkills_and_resumes() {
+    let server = FakeWandb::start();
+    let run = scratch_dir("wandb-killed");
+    let settings = [
+        "--set",
+        "train.steps=100",
+        "--set",
+        "train.save_every=20",
+        "--resume",
+        "auto",
+    ];
+    let held_step = || {
+        history_steps(&server.state.lock().unwrap().history)
+            .last()
+            .copied()
+    };
+    let (mut kills, mut lives) = (0, 0);
+    let mut last_kill_checkpoint = 0;
+    while kills < 2 {
+        lives += 1;
+        assert!(lives <= 10, "could not kill the run between checkpoints");
+        let mut child = wandb_sft_command(&run, &server.url, &settings)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill once the server holds a step past the newest checkpoint (after a checkpoint
+        // newer than the last kill's, so that each kill loses steps the server has).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended unkilled"
+            );
+            assert!(Instant::now() < deadline, "the server got nothing new");
+            let newest = checkpoint_steps(&run).first().copied().unwrap_or(0);
+            if newest > last_kill_checkpoint && held_step().is_some_and(|held| held > newest) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                // Counted only if no newer checkpoint slipped in before the kill.
+                let newest_after = checkpoint_steps(&run).first().copied().unwrap_or(0);
+                if held_step().unwrap() > newest_after {
+                    kills += 1;
+                    last_kill_checkpoint = newest_after;
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert_succeeded(
+        &wandb_sft_command(&run, &server.url, &settings)
+            .output()
+            .unwrap(),
+    );
+
+    let state = server.state.lock().unwrap();
+    assert!(state.offset_errors.is_empty(), "{:?}", state.offset_errors);
+    assert_eq!(
+        history_steps(&state.history),
+        (1..=100).collect::<Vec<_>>(),
+        "every step exactly once, `_step` the training step"
+    );
+    let metrics = trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    for (held, line) in state.history.iter().zip(&metrics) {
+        for (name, value) in line.as_object().unwrap() {
+            // Throughput is measured, not computed: a recomputed step takes its own time.
+            if matches!(name.as_str(), "step" | "time") || name.ends_with("_per_s") {
+                continue;
+            }
+            let tracked = &held[trainer::metrics::tracker_name(name)];
+            assert_eq!(tracked, value, "step {}: {name}", line["step"]);
+        }
+    }
+    let last = state.requests.last().unwrap();
+    assert_eq!(last.body, json!({ "complete": true, "exitcode": 0 }));
+}
+
+/// The sft command with W&B pointed at `url` (project proj, entity team, run run-1).
+fn wandb_sft_command(run_dir: &Path, url: &str, extra: &[&str]) -> Command {
+    let mut command = sft_command(&test_config(), run_dir, extra);
+    command
+        .env("WANDB_API_KEY", "test-key")
+        .env("WANDB_BASE_URL", url)
+        .args(["--set", "train.wandb.project=proj"])
+        .args(["--set", "train.wandb.entity=team"])
+        .args(["--set", "train.wandb.name=run-1"]);
+    command
+}
+
+/// A server that stops answering mid-run: the run still ends promptly, and every line the
+/// server lacks is among those reported unconfirmed.
+#[test]
+fn a_server_that_stops_answering_loses_no_unreported_line() {
+    let server = FakeWandb::start();
+    server.answers_left.store(2, Ordering::SeqCst);
+    let run = scratch_dir("wandb-stops");
+    let output = sft(
+        &run,
+        &server.url,
+        &[
+            "--set",
+            "train.steps=30",
+            "--set",
+            "train.wandb.flush_timeout_s=1",
+        ],
+    );
+    assert_succeeded(&output);
+    let held = history_steps(&server.state.lock().unwrap().history);
+    assert_eq!(held, (1..=held.len() as u64).collect::<Vec<_>>());
+    assert!(held.len() < 30, "the server answered everything: {held:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reported: usize = ["lines unconfirmed", "history lines could not be sent"]
+        .iter()
+        .filter_map(|phrase| {
+            let before = &stderr[..stderr.find(phrase)?];
+            before.split_whitespace().last()?.parse().ok()
+        })
+        .max()
+        .unwrap_or_else(|| panic!("nothing reported unsent: {stderr}"));
+    assert!(
+        reported >= 30 - held.len(),
+        "{} lines missing, {reported} reported: {stderr}",
+        30 - held.len()
+    );
+}
+
+/// One decoded TensorBoard event: (step, file_version, [(tag, simple_value)]).
+type Event = (u64, Option<String>, Vec<(String, f32)>);
+
+/// Reads a TFRecord file of `Event` messages, checking both checksums of every record.
+fn read_events(path: &Path) -> Vec<Event> {
+    use trainer::tensorboard::masked_crc;
+    let bytes = std::fs::read(path).unwrap();
+    let mut events = Vec::new();
+    let mut at = 0;
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+    while at < bytes.len() {
+        let length = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        assert_eq!(
+            u32_at(at + 8),
+            masked_crc(&bytes[at..at + 8]),
+            "length checksum"
+        );
+        let data = &bytes[at + 12..at + 12 + length];
+        assert_eq!(u32_at(at + 12 + length), masked_crc(data), "data checksum");
+        events.push(decode_event(data));
+        at += 16 + length;
+    }
+    events
+}
+
+/// The protobuf fields of a message as (field number, varint or bytes).
+fn proto_fields(mut data: &[u8]) -> Vec<(u64, u64, &[u8])> {
+    let varint = |data: &mut &[u8]| {
+        let (mut value, mut shift) = (0u64, 0);
+        loop {
+            let byte = data[0];
+            *data = &data[1..];
+            value |= u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte < 0x80 {
+                return value;
+            }
+        }
+    };
+    let mut fields = Vec::new();
+    while !data.is_empty() {
+        let key = varint(&mut data);
+        let (number, wire) = (key >> 3, key & 7);
+        let (value, bytes): (u64, &[u8]) = match wire {
+            0 => (varint(&mut data), &[]),
+            1 | 5 => {
+                let size = if wire == 1 { 8 } else { 4 };
+                let (bytes, rest) = data.split_at(size);
+                data = rest;
+                (0, bytes)
+            }
+            2 => {
+                let length = varint(&mut data) as usize;
+                let (bytes, rest) = data.split_at(length);
+                data = rest;
+                (0, bytes)
+            }
+            other => panic!("wire type {other}"),
+        };
+        fields.push((number, value, bytes));
+    }
+    fields
+}
+
+fn decode_event(data: &[u8]) -> Event {
+    let mut event: Event = (0, None, Vec::new());
+    for (number, value, bytes) in proto_fields(data) {
+        match number {
+            2 => event.0 = value,
+            3 => event.1 = Some(String::from_utf8(bytes.to_vec()).unwrap()),
+            5 => {
+                for (_, _, value_message) in proto_fields(bytes) {
+                    let (mut tag, mut simple) = (String::new(), f32::NAN);
+                    for (field, _, bytes) in proto_fields(value_message) {
+                        match field {
+                            1 => tag = String::from_utf8(bytes.to_vec()).unwrap(),
+                            2 => simple = f32::from_le_bytes(bytes.try_into().unwrap()),
+                            _ => {}
+                        }
+                    }
+                    event.2.push((tag, simple));
+                }
+            }
+            _ => {}
+        }
+    }
+    event
+}
+
+/// The reader above follows TensorBoard: it decodes an event file TensorBoard's own writer
+/// made (scripts/check-tensorboard-reads-ours), checksums included.
+#[test]
+fn the_event_reader_reads_tensorboards_own_files() {
+    let dir = repo_root().join("tests/fixtures/tensorboard/reference");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let events = read_events(&file);
+    assert_eq!(events[0].1.as_deref(), Some("brain.Event:2"));
+    let scalars: Vec<(u64, Vec<(String, f32)>)> =
+        events[1..].iter().map(|e| (e.0, e.2.clone())).collect();
+    let expected = [(1, 2.5f32), (2, 2.25), (300, 0.125)].map(|(step, loss)| {
+        let lr = loss / 1000.0;
+        (
+            step,
+            vec![
+                ("train/loss".to_string(), loss),
+                ("train/learning_rate".to_string(), lr),
+            ],
+        )
+    });
+    assert_eq!(scalars, expected);
+}
+
+/// Our event files: one per run folder, every training step once (also after a resume),
+/// values those of metrics.jsonl under the grouped names; and TensorBoard itself read the
+/// same tags and steps from such a run (recorded by scripts/check-tensorboard-reads-ours).
+#[test]
+fn tensorboard_event_files_hold_each_step_once() {
+    let run = scratch_dir("tensorboard-run");
+    let first = ["--set", "train.steps=12", "--set", "train.save_every=6"];
+    assert_succeeded(&sft_command(&test_config(), &run, &first).output().unwrap());
+    let resumed = [
+        "--set",
+        "train.steps=18",
+        "--set",
+        "train.save_every=6",
+        "--resume",
+        "auto",
+    ];
+    assert_succeeded(
+        &sft_command(&test_config(), &run, &resumed)
+            .output()
+            .unwrap(),
+    );
+
+    let files: Vec<_> = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let events = read_events(&files[0]);
+    assert_eq!(events[0].1.as_deref(), Some("brain.Event:2"));
+    let metrics = trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(events.len() - 1, metrics.len());
+    for (event, line) in events[1..].iter().zip(&metrics) {
+        assert_eq!(Some(event.0), line["step"].as_u64());
+        for (name, value) in line.as_object().unwrap() {
+            if matches!(name.as_str(), "step" | "time") {
+                continue;
+            }
+            let tag = trainer::metrics::tracker_name(name);
+            let found = event.2.iter().find(|(t, _)| *t == tag);
+            let expected = value.as_f64().unwrap() as f32;
+            assert_eq!(
+                found.map(|f| f.1),
+                Some(expected),
+                "step {}: {tag}",
+                event.0
+            );
+        }
+    }
+
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            repo_root().join("tests/fixtures/tensorboard/tensorboard_reads_ours.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let steps: Vec<u64> = (1..=12).collect();
+    for tag in ["train/loss", "train/learning_rate", "train/grad_norm"] {
+        assert_eq!(record["scalars"][tag], json!(steps), "{tag}");
+    }
+    assert_eq!(record["scalars"]["eval/loss"], json!([12]));
 }

@@ -18,6 +18,8 @@ pub mod progress;
 pub mod run_dir;
 pub mod sampling;
 pub mod schedule;
+pub mod tensorboard;
+pub mod trackers;
 pub mod train;
 pub mod wandb;
 pub mod weights;

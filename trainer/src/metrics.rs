@@ -66,6 +66,26 @@ impl MetricsLog {
     }
 }
 
+/// The name a metric has in trackers (W&B, TensorBoard), grouped as their users expect:
+/// `eval_loss` -> `eval/loss`, `lr` -> `train/learning_rate`, `train_tokens_per_s` ->
+/// `train/tokens_per_s`, anything else `train/NAME`. metrics.jsonl keeps the short names.
+pub fn tracker_name(name: &str) -> String {
+    if name == "lr" {
+        return "train/learning_rate".into();
+    }
+    match name.strip_prefix("eval_") {
+        Some(rest) => format!("eval/{rest}"),
+        None => format!("train/{}", name.strip_prefix("train_").unwrap_or(name)),
+    }
+}
+
+/// The numbers of a metrics line under their tracker names (`step` and `time` left out).
+pub fn tracker_scalars(line: &Map<String, Value>) -> impl Iterator<Item = (String, Value)> + '_ {
+    line.iter()
+        .filter(|(name, value)| !matches!(name.as_str(), "step" | "time") && value.is_number())
+        .map(|(name, value)| (tracker_name(name), value.clone()))
+}
+
 /// Reads every line of a metrics file.
 pub fn read_metrics(path: &Path) -> Result<Vec<Value>> {
     let text =

@@ -14,7 +14,8 @@ use crate::model::llama::CausalLm;
 use crate::optim::{AdamW, AdamWConfig, Gradients};
 use crate::progress::Progress;
 use crate::schedule::{Decay, Schedule};
-use crate::wandb::{WandbConfig, WandbRun};
+use crate::trackers::{TrackerStart, Trackers};
+use crate::wandb::WandbConfig;
 use crate::weights::{self, named_tensors};
 use anyhow::{bail, Context, Result};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
@@ -104,6 +105,13 @@ pub struct TrainConfig {
     /// Stream metrics to Weights & Biases (`[train.wandb]`).
     #[serde(default)]
     pub wandb: Option<WandbConfig>,
+    /// Write TensorBoard event files to RUN/tensorboard (offline; on by default).
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Validate for TrainConfig {
@@ -448,7 +456,7 @@ pub struct Trainer<B: AutodiffBackend, M: Trainable<B> = CausalLm<B>> {
     pub checkpoints: CheckpointDir,
     pub metrics: MetricsLog,
     pub progress: Progress,
-    wandb: Option<WandbRun>,
+    trackers: Trackers,
     stop: Arc<AtomicBool>,
     /// This trainer's place in a data-parallel run (one peer by default).
     pub peer: Peer,
@@ -626,7 +634,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             run_dir: run_dir.to_path_buf(),
             checkpoints,
             metrics: MetricsLog::open(&metrics_dir, checkpoint.as_ref().map(|c| c.step))?,
-            wandb: None,
+            trackers: Trackers::default(),
             lineage,
             last_saved: None,
             base_model: None,
@@ -646,14 +654,25 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         if trainer.peer.is_leader() {
             // The run is known to start: its resolved config may now replace the old record.
             crate::run_dir::commit_config(run_dir)?;
-            if let Some(wandb) = &trainer.config.wandb {
-                trainer.wandb = Some(WandbRun::start(
-                    wandb,
-                    &run_name,
-                    &resolved_config(run_dir),
-                    recipe_state.is_some(),
-                )?);
-            }
+            let backlog = crate::metrics::read_metrics(&trainer.metrics.path)?
+                .into_iter()
+                .filter_map(|line| line.as_object().cloned())
+                .filter(|line| line.get("step").and_then(Value::as_u64).unwrap_or(0) > 0)
+                .collect();
+            let start = TrackerStart {
+                run_dir,
+                run_name: &run_name,
+                resolved_config: &resolved_config(run_dir),
+                backlog,
+                // Also without a checkpoint: a run killed before its first one has sent
+                // steps that its fresh start recomputes.
+                resuming: *resume != Resume::No,
+            };
+            trainer.trackers = Trackers::start(
+                trainer.config.tensorboard,
+                trainer.config.wandb.as_ref(),
+                start,
+            )?;
         }
         trainer.divergence = DivergenceWatch::from_metrics(&trainer.metrics.path);
         trainer.progress = if trainer.peer.is_leader() {
@@ -936,8 +955,8 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
     pub fn log(&mut self, scalars: &[(&str, f64)]) -> Result<()> {
         let line = self.metrics.log(self.step, scalars)?;
         self.progress.update(self.step, scalars);
-        if let (Some(wandb), Some(map)) = (&mut self.wandb, line.as_object()) {
-            wandb.log(map);
+        if let Some(map) = line.as_object() {
+            self.trackers.log(map)?;
         }
         Ok(())
     }
@@ -958,17 +977,11 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         if !self.peer.is_leader() {
             return;
         }
-        if let Some(wandb) = self.wandb.take() {
-            let summary = crate::metrics::read_metrics(&self.metrics.path)
-                .ok()
-                .and_then(|lines| lines.last().and_then(|l| l.as_object().cloned()))
-                .unwrap_or_default();
-            let report = wandb.finish(summary, 0);
-            println!(
-                "wandb: sent {} history lines, {} unsent",
-                report.sent_lines, report.unsent_lines
-            );
-        }
+        let summary = crate::metrics::read_metrics(&self.metrics.path)
+            .ok()
+            .and_then(|lines| lines.last().and_then(|l| l.as_object().cloned()))
+            .unwrap_or_default();
+        self.trackers.finish(summary);
         match crate::plot::plot_run(&self.run_dir) {
             Ok(files) => println!(
                 "plots: {} curves in {}",

@@ -5,6 +5,12 @@
 //! `complete`/`exitcode` message close it. Everything happens on a background thread fed by
 //! a channel: training never waits for the network. Lines that cannot be sent are kept and
 //! retried; whatever is still unsent at the end is reported (it is in metrics.jsonl anyway).
+//!
+//! Each training step reaches the server exactly once: `_step` is the training step, and a
+//! resumed run first asks the server for the last `_step` it holds (`historyTail`, as the
+//! official SDK does), then sends only later steps, starting with the backlog kept in
+//! metrics.jsonl. Steps recomputed after a crash equal what the server has (resume is
+//! exact), so skipping them loses nothing.
 
 use anyhow::{bail, Context, Result};
 use reqwest::blocking::Client;
@@ -13,7 +19,7 @@ use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.wandb.ai";
 const HISTORY_FILE: &str = "wandb-history.jsonl";
@@ -44,7 +50,7 @@ project { name entity { name } } } inserted } }";
 
 const RUN_RESUME_STATUS: &str =
     "query RunResumeStatus($project: String, $entity: String, $name: String!) { \
-model(name: $project, entityName: $entity) { bucket(name: $name) { historyLineCount } } }";
+model(name: $project, entityName: $entity) { bucket(name: $name) { historyLineCount historyTail } } }";
 
 enum Message {
     History(Map<String, Value>),
@@ -58,6 +64,8 @@ enum Message {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WandbReport {
     pub sent_lines: usize,
+    /// Lines the server held already (sent before a crash the run resumed from).
+    pub already_sent: usize,
     pub unsent_lines: usize,
     pub run_created: bool,
 }
@@ -209,6 +217,7 @@ impl WandbRun {
                 eprintln!("wandb: the server did not answer in time; {} lines unconfirmed (they are in metrics.jsonl)", self.logged);
                 WandbReport {
                     sent_lines: 0,
+                    already_sent: 0,
                     unsent_lines: self.logged,
                     run_created: false,
                 }
@@ -235,8 +244,12 @@ struct Sender_ {
     created: bool,
     /// Offset of the next history line on the server.
     offset: usize,
+    /// The last training step the server holds: lines up to it are not sent again.
+    server_step: Option<u64>,
+    /// Metrics lines (`step`, `time`, scalars) waiting to be sent, in step order.
     pending: VecDeque<Map<String, Value>>,
     sent: usize,
+    already_sent: usize,
     started: Instant,
     next_attempt: Instant,
     backoff: Duration,
@@ -251,8 +264,10 @@ impl Sender_ {
             flush_timeout,
             created: false,
             offset: 0,
+            server_step: None,
             pending: VecDeque::new(),
             sent: 0,
+            already_sent: 0,
             started: Instant::now(),
             next_attempt: Instant::now(),
             backoff: Duration::from_millis(200),
@@ -314,9 +329,9 @@ impl Sender_ {
                 RUN_RESUME_STATUS,
                 json!({ "project": c.project, "entity": c.entity, "name": c.run }),
             )?;
-            self.offset = status["data"]["model"]["bucket"]["historyLineCount"]
-                .as_u64()
-                .unwrap_or(0) as usize;
+            let bucket = &status["data"]["model"]["bucket"];
+            self.offset = bucket["historyLineCount"].as_u64().unwrap_or(0) as usize;
+            self.server_step = last_history_step(&bucket["historyTail"]);
         }
         let created = c.graphql(
             UPSERT_BUCKET,
@@ -341,32 +356,31 @@ impl Sender_ {
     }
 
     fn send_pending(&mut self) -> Result<()> {
+        // Steps the server holds from before a crash: recomputed identically, not resent.
+        while let Some(line) = self.pending.front() {
+            match (line_step(line), self.server_step) {
+                (Some(step), Some(held)) if step <= held => {
+                    self.pending.pop_front();
+                    self.already_sent += 1;
+                }
+                _ => break,
+            }
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
         let runtime = self.started.elapsed().as_secs_f64();
-        // `_step` is the line's position in the run's history: it continues across resumes.
         let lines: Vec<String> = self
             .pending
             .iter()
-            .enumerate()
-            .map(|(i, line)| {
-                let mut line = line.clone();
-                line.insert("_step".into(), json!(self.offset + i));
-                line.entry("_timestamp").or_insert(json!(now));
-                line.insert("_runtime".into(), json!(runtime));
-                Value::Object(line).to_string()
-            })
+            .map(|line| history_line(line, runtime).to_string())
             .collect();
         let body =
             json!({ "files": { HISTORY_FILE: { "offset": self.offset, "content": lines } } });
         self.connection.file_stream(body)?;
         self.offset += lines.len();
         self.sent += lines.len();
+        self.server_step = self.pending.back().and_then(line_step).or(self.server_step);
         self.pending.clear();
         Ok(())
     }
@@ -384,7 +398,8 @@ impl Sender_ {
             std::thread::sleep(wait);
         }
         if self.created {
-            let summary_body = json!({ "files": { SUMMARY_FILE: { "offset": 0, "content": [Value::Object(summary).to_string()] } } });
+            let summary = Value::Object(crate::metrics::tracker_scalars(&summary).collect());
+            let summary_body = json!({ "files": { SUMMARY_FILE: { "offset": 0, "content": [summary.to_string()] } } });
             let closing = json!({ "complete": true, "exitcode": exit_code });
             for body in [summary_body, closing] {
                 if let Err(error) = self.connection.file_stream(body) {
@@ -394,6 +409,7 @@ impl Sender_ {
         }
         let report = WandbReport {
             sent_lines: self.sent,
+            already_sent: self.already_sent,
             unsent_lines: self.pending.len(),
             run_created: self.created,
         };
@@ -405,4 +421,29 @@ impl Sender_ {
         }
         report
     }
+}
+
+fn line_step(line: &Map<String, Value>) -> Option<u64> {
+    line.get("step").and_then(Value::as_u64)
+}
+
+/// A metrics line as W&B history: the training step as `_step`, the time it was logged as
+/// `_timestamp` (so a line reads the same however often it is sent), grouped metric names.
+fn history_line(line: &Map<String, Value>, runtime: f64) -> Value {
+    let mut history: Map<String, Value> = crate::metrics::tracker_scalars(line).collect();
+    history.insert("_step".into(), json!(line_step(line)));
+    history.insert(
+        "_timestamp".into(),
+        line.get("time").cloned().unwrap_or(json!(0)),
+    );
+    history.insert("_runtime".into(), json!(runtime));
+    Value::Object(history)
+}
+
+/// The `_step` of the last line in a `historyTail` answer: a JSON string holding a list of
+/// JSON-encoded lines (the form the service and the official SDK use).
+fn last_history_step(tail: &Value) -> Option<u64> {
+    let lines: Vec<String> = serde_json::from_str(tail.as_str()?).ok()?;
+    let last: Value = serde_json::from_str(lines.last()?).ok()?;
+    last["_step"].as_u64()
 }
