@@ -520,3 +520,44 @@ fn onpolicy_sft_resumes_exactly() {
         "base numbers survive the resume"
     );
 }
+
+/// A Parquet file as the Hub ships them (pyarrow, Snappy), its columns named by
+/// `data.fields`, trains through the binary; without the mapping the error names the row and
+/// the fields found, and how to map them.
+#[test]
+fn sft_trains_on_parquet_with_a_field_mapping() {
+    let run = scratch_dir("parquet-run");
+    let data = [
+        "--set",
+        "data.train=tests/fixtures/data/qa.parquet",
+        "--set",
+        "data.eval_count=2",
+        "--set",
+        "train.steps=3",
+    ];
+    let mut mapped = data.to_vec();
+    mapped.extend([
+        "--set",
+        "data.fields.prompt=question",
+        "--set",
+        "data.fields.response=answer",
+    ]);
+    let output = sft_command(&test_config(), &run, &mapped).output().unwrap();
+    assert_succeeded(&output);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("data_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report[0]["records"], 6, "{report}");
+
+    let unmapped = sft_command(&test_config(), &scratch_dir("parquet-unmapped"), &data)
+        .output()
+        .unwrap();
+    assert!(!unmapped.status.success());
+    let stderr = String::from_utf8_lossy(&unmapped.stderr);
+    assert!(
+        stderr.contains("qa.parquet: row 0")
+            && stderr.contains("question")
+            && stderr.contains("data.fields"),
+        "{stderr}"
+    );
+}

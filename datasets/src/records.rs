@@ -1,17 +1,23 @@
-//! Training records from JSONL, JSON-array or CSV files: prompt/response pairs, chat
+//! Training records from JSONL, JSON-array, CSV or Parquet files: prompt/response pairs, chat
 //! conversations, or plain text.
 //!
-//! A JSON record is read by its fields, with the names TRL uses too: `{"prompt", "response"}`
-//! or `{"prompt", "completion"}` (strings, or TRL's conversational message lists),
+//! A record is read by its fields, with the names TRL uses too: `{"prompt", "response"}` or
+//! `{"prompt", "completion"}` (strings, or TRL's conversational message lists),
 //! `{"messages": [{"role", "content"}...]}`, or `{"text"}` (every token trained on). Other
 //! fields (`id`, `source`, ...) are ignored, but one that looks like a misspelt known field
-//! (`promt`) is an error, as is a record of no known layout. A `.jsonl` file holds one record a
-//! line; a `.json` file one JSON array of records (or JSON lines). CSV files have `prompt` and
-//! `response` columns. Every error names the file and the line (or array index).
+//! (`promt`) is an error, as is a record of no known layout. A file whose fields have other
+//! names maps them (`data.fields = {prompt = "question", response = "answer"}`).
+//!
+//! A `.jsonl` file holds one record a line; a `.json` file one JSON array of records (or JSON
+//! lines); a `.csv` file one record a row, named by its header; a `.parquet` file (the Hugging
+//! Face Hub's format) one record a row, its columns the fields (lists of structs for
+//! messages). Every error names the file and the line, array index or row.
 
 use crate::tokenizer::ChatMessage;
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -30,51 +36,148 @@ pub enum Record {
 }
 
 /// The field names a record is read by.
-const KNOWN_FIELDS: [&str; 5] = ["prompt", "response", "completion", "messages", "text"];
+pub const KNOWN_FIELDS: [&str; 5] = ["prompt", "response", "completion", "messages", "text"];
 
-/// Reads a `.jsonl`, `.json` or `.csv` file, chosen by extension.
-pub fn load_records(path: &Path) -> Result<Vec<Record>> {
-    let records = match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") | Some("json") => load_jsonl(path)?,
-        Some("csv") => load_csv(path)?,
+/// `data.fields`: our field name -> the name it has in the user's file.
+pub type FieldMap = BTreeMap<String, String>;
+
+/// Checks a field map's keys: each must be a field records are read by.
+pub fn check_field_map(fields: &FieldMap) -> Result<()> {
+    for ours in fields.keys() {
+        if !KNOWN_FIELDS.contains(&ours.as_str()) {
+            bail!(
+                "data.fields.{ours}: not a record field (expected one of {})",
+                KNOWN_FIELDS.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Where a record sits in its file, for error messages.
+#[derive(Debug, Clone, Copy)]
+enum Location {
+    Line(usize),
+    Index(usize),
+    Row(usize),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Location::Line(n) => write!(f, ":{n}"),
+            Location::Index(n) => write!(f, ": record [{n}]"),
+            Location::Row(n) => write!(f, ": row {n}"),
+        }
+    }
+}
+
+/// Reads a `.jsonl`, `.json`, `.csv` or `.parquet` file, chosen by extension, with the
+/// user's field names mapped to ours by `fields`.
+pub fn load_records(path: &Path, fields: &FieldMap) -> Result<Vec<Record>> {
+    let objects = match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => json_objects(path)?,
+        Some("csv") => csv_objects(path)?,
+        Some("parquet") => parquet_objects(path)?,
         _ => bail!(
-            "{}: unknown data format (expected .jsonl, .json or .csv)",
+            "{}: unknown data format (expected .jsonl, .json, .csv or .parquet)",
             path.display()
         ),
     };
-    if records.is_empty() {
+    if objects.is_empty() {
         bail!("{} holds no records", path.display());
     }
-    Ok(records)
+    objects
+        .into_iter()
+        .map(|(location, object)| {
+            map_fields(object, fields)
+                .and_then(|object| parse_record(&object))
+                .with_context(|| format!("{}{location}", path.display()))
+        })
+        .collect()
 }
 
-/// Records of a JSON-lines file, or of a file holding one JSON array of records.
-pub fn load_jsonl(path: &Path) -> Result<Vec<Record>> {
+/// Renames the user's fields to ours (`fields`: ours -> theirs).
+fn map_fields(object: Value, fields: &FieldMap) -> Result<Value> {
+    let Value::Object(mut object) = object else {
+        bail!("not a JSON object");
+    };
+    for (ours, theirs) in fields {
+        let value = object
+            .remove(theirs)
+            .with_context(|| format!("no field `{theirs}` (data.fields maps it to `{ours}`)"))?;
+        if object.insert(ours.clone(), value).is_some() {
+            bail!("has both `{ours}` and `{theirs}`, which data.fields maps to `{ours}`");
+        }
+    }
+    Ok(Value::Object(object))
+}
+
+/// The JSON values of a JSON-lines file, or of a file holding one JSON array of records.
+fn json_objects(path: &Path) -> Result<Vec<(Location, Value)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     if text.trim_start().starts_with('[') {
         let items: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
             anyhow::anyhow!("{}: not a JSON array of records ({e})", path.display())
         })?;
-        return items
-            .iter()
+        return Ok(items
+            .into_iter()
             .enumerate()
-            .map(|(index, item)| {
-                parse_record(item).with_context(|| format!("{}: record [{index}]", path.display()))
-            })
-            .collect();
+            .map(|(index, item)| (Location::Index(index), item))
+            .collect());
     }
-    let mut records = Vec::new();
+    let mut objects = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let where_ = || format!("{}:{}", path.display(), index + 1);
         let value: Value = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}: not JSON ({e})", where_()))?;
-        records.push(parse_record(&value).with_context(where_)?);
+            .map_err(|e| anyhow::anyhow!("{}:{}: not JSON ({e})", path.display(), index + 1))?;
+        objects.push((Location::Line(index + 1), value));
     }
-    Ok(records)
+    Ok(objects)
+}
+
+/// The rows of a CSV file as objects of string fields named by the header.
+fn csv_objects(path: &Path) -> Result<Vec<(Location, Value)>> {
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{}: no header row", path.display()))?
+        .clone();
+    let mut objects = Vec::new();
+    for (index, row) in reader.records().enumerate() {
+        // Line numbers count the header as line 1.
+        let line = index + 2;
+        let row = row.map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
+        let object: Map<String, Value> = headers
+            .iter()
+            .zip(row.iter())
+            .map(|(name, field)| (name.to_string(), Value::String(field.to_string())))
+            .collect();
+        objects.push((Location::Line(line), Value::Object(object)));
+    }
+    Ok(objects)
+}
+
+/// The rows of a Parquet file as JSON objects (columns are fields; lists and structs nest).
+fn parquet_objects(path: &Path) -> Result<Vec<(Location, Value)>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a Parquet file", path.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .with_context(|| format!("{}: cannot read its rows", path.display()))?;
+    rows.enumerate()
+        .map(|(index, row)| {
+            let row = row.with_context(|| format!("{}: row {index}", path.display()))?;
+            Ok((Location::Row(index), row.to_json_value()))
+        })
+        .collect()
 }
 
 /// One record from its JSON object (see the module comment for the layouts).
@@ -124,7 +227,8 @@ pub fn parse_record(value: &Value) -> Result<Record> {
             }),
             None => bail!(
                 "not a record: expected {{\"prompt\", \"response\"}}, {{\"prompt\", \"completion\"}}, \
-                 {{\"messages\": [...]}} or {{\"text\"}} (fields: {})",
+                 {{\"messages\": [...]}} or {{\"text\"}} (fields: {}; name yours in data.fields, \
+                 e.g. data.fields = {{prompt = \"question\", response = \"answer\"}})",
                 fields.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         },
@@ -139,39 +243,6 @@ fn messages_of(value: &Value, key: &str) -> Result<Vec<ChatMessage>> {
         bail!("`{key}` is empty");
     }
     Ok(messages)
-}
-
-pub fn load_csv(path: &Path) -> Result<Vec<Record>> {
-    let mut reader =
-        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let headers = reader
-        .headers()
-        .with_context(|| format!("{}: no header row", path.display()))?
-        .clone();
-    let column = |name: &str| {
-        headers
-            .iter()
-            .position(|h| h == name)
-            .with_context(|| format!("{}: no `{name}` column", path.display()))
-    };
-    let (prompt_col, response_col) = (column("prompt")?, column("response")?);
-    let mut records = Vec::new();
-    for (index, row) in reader.records().enumerate() {
-        // Line numbers count the header as line 1.
-        let row = row.map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), index + 2))?;
-        let field = |col: usize| row.get(col).map(str::to_string);
-        match (field(prompt_col), field(response_col)) {
-            (Some(prompt), Some(response)) => {
-                records.push(Record::PromptResponse { prompt, response })
-            }
-            _ => bail!(
-                "{}:{}: missing prompt or response",
-                path.display(),
-                index + 2
-            ),
-        }
-    }
-    Ok(records)
 }
 
 /// Writes prompt/response records as JSONL.
@@ -200,7 +271,7 @@ mod tests {
             "ok.jsonl",
             "{\"prompt\": \"a\", \"response\": \"b\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
         );
-        let records = load_records(&path).unwrap();
+        let records = load_records(&path, &FieldMap::new()).unwrap();
         assert_eq!(
             records[0],
             Record::PromptResponse {
@@ -212,7 +283,7 @@ mod tests {
 
         let path = temp("ok.csv", "prompt,response\n\"1+1?\",\"2, of course\"\n");
         assert_eq!(
-            load_records(&path).unwrap(),
+            load_records(&path, &FieldMap::new()).unwrap(),
             vec![Record::PromptResponse {
                 prompt: "1+1?".into(),
                 response: "2, of course".into()
@@ -231,7 +302,7 @@ mod tests {
                 "\"completion\": [{\"role\": \"assistant\", \"content\": \"r\"}]}\n",
             ),
         );
-        let records = load_records(&path).unwrap();
+        let records = load_records(&path, &FieldMap::new()).unwrap();
         assert_eq!(
             records[0],
             Record::PromptResponse {
@@ -252,9 +323,9 @@ mod tests {
             "array.json",
             "[{\"prompt\": \"a\", \"response\": \"b\"}, {\"text\": \"t\"}]",
         );
-        assert_eq!(load_records(&path).unwrap().len(), 2);
+        assert_eq!(load_records(&path, &FieldMap::new()).unwrap().len(), 2);
         let path = temp("bad-array.json", "[{\"text\": \"t\"}, {\"txet\": \"t\"}]");
-        let err = format!("{:#}", load_records(&path).unwrap_err());
+        let err = format!("{:#}", load_records(&path, &FieldMap::new()).unwrap_err());
         assert!(
             err.contains("[1]") && err.contains("`txet`") && err.contains("`text`"),
             "{err}"
@@ -267,7 +338,7 @@ mod tests {
             "typo.jsonl",
             "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"promt\": \"a\", \"response\": \"b\"}\n",
         );
-        let err = format!("{:#}", load_records(&path).unwrap_err());
+        let err = format!("{:#}", load_records(&path, &FieldMap::new()).unwrap_err());
         assert!(
             err.contains("typo.jsonl:2") && err.contains("`promt`") && err.contains("`prompt`"),
             "{err}"
@@ -277,7 +348,10 @@ mod tests {
             "typo2.jsonl",
             "{\"prompt\": \"a\", \"response\": \"b\", \"responce\": \"c\"}\n",
         );
-        assert!(format!("{:#}", load_records(&path).unwrap_err()).contains("`responce`"));
+        assert!(
+            format!("{:#}", load_records(&path, &FieldMap::new()).unwrap_err())
+                .contains("`responce`")
+        );
     }
 
     #[test]
@@ -286,20 +360,100 @@ mod tests {
             "bad.jsonl",
             "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\"}\n",
         );
-        let err = load_records(&path).unwrap_err().to_string();
+        let err = load_records(&path, &FieldMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad.jsonl:2"), "{err}");
         let path = temp(
             "bad2.jsonl",
             "{\"prompt\": \"a\", \"response\": \"b\"}\n\n\nnot json\n",
         );
-        assert!(load_records(&path)
+        assert!(load_records(&path, &FieldMap::new())
             .unwrap_err()
             .to_string()
             .contains("bad2.jsonl:4"));
         let path = temp("bad.csv", "prompt,answer\nx,y\n");
-        assert!(load_records(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("`response`"));
+        let err = format!("{:#}", load_records(&path, &FieldMap::new()).unwrap_err());
+        assert!(
+            err.contains("bad.csv:2") && err.contains("`response`"),
+            "{err}"
+        );
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/data")
+            .join(name)
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> FieldMap {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    /// Parquet written by pyarrow (scripts/make-parquet-fixtures): columns mapped by
+    /// `data.fields`, extra columns ignored, TRL's message lists read as a chat.
+    #[test]
+    fn reads_parquet_with_a_field_mapping() {
+        let qa = fixture("qa.parquet");
+        let records = load_records(
+            &qa,
+            &fields(&[("prompt", "question"), ("response", "answer")]),
+        )
+        .unwrap();
+        assert_eq!(records.len(), 6);
+        assert_eq!(
+            records[1],
+            Record::PromptResponse {
+                prompt: "3+4=".into(),
+                response: "7".into()
+            }
+        );
+        // Without the mapping the file has no known layout, and the error says which fields
+        // it found.
+        let err = format!("{:#}", load_records(&qa, &FieldMap::new()).unwrap_err());
+        assert!(
+            err.contains("qa.parquet: row 0") && err.contains("question"),
+            "{err}"
+        );
+        // A mapping to a column the file lacks names it.
+        let err = load_records(
+            &qa,
+            &fields(&[("prompt", "questoin"), ("response", "answer")]),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no field `questoin`"),
+            "{err:#}"
+        );
+
+        let chat = load_records(&fixture("chat.parquet"), &FieldMap::new()).unwrap();
+        assert!(matches!(&chat[5], Record::Chat { messages }
+            if messages.len() == 2 && messages[0].content == "2+2=" && messages[1].content == "4"));
+    }
+
+    #[test]
+    fn field_maps_apply_to_json_and_csv_too() {
+        let map = fields(&[("prompt", "question"), ("response", "answer")]);
+        let path = temp(
+            "mapped.jsonl",
+            "{\"question\": \"q\", \"answer\": \"a\", \"id\": 1}\n",
+        );
+        let expected = vec![Record::PromptResponse {
+            prompt: "q".into(),
+            response: "a".into(),
+        }];
+        assert_eq!(load_records(&path, &map).unwrap(), expected);
+        let path = temp("mapped.csv", "id,question,answer\n1,q,a\n");
+        assert_eq!(load_records(&path, &map).unwrap(), expected);
+        let path = temp(
+            "both.jsonl",
+            "{\"prompt\": \"p\", \"question\": \"q\", \"answer\": \"a\"}\n",
+        );
+        let err = format!("{:#}", load_records(&path, &map).unwrap_err());
+        assert!(err.contains("both `prompt` and `question`"), "{err}");
+        assert!(check_field_map(&fields(&[("promt", "question")])).is_err());
     }
 }

@@ -43,7 +43,8 @@ impl Validate for DataSection {
             &key(prefix, "max_length"),
             self.max_length,
             "at least 2 (a token to predict from and one to predict)",
-        )
+        )?;
+        datasets::records::check_field_map(&self.fields)
     }
 }
 
@@ -54,7 +55,7 @@ fn plain() -> Template {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// A .jsonl or .csv file of records.
+    /// A .jsonl, .json, .csv or .parquet file of records.
     pub train: PathBuf,
     /// Held-out records; without it, `eval_count` records of `train` are held out.
     pub eval: Option<PathBuf>,
@@ -66,6 +67,9 @@ pub struct DataSection {
     /// Concatenate examples into rows of `max_length` tokens.
     #[serde(default)]
     pub packing: bool,
+    /// The data's own field names for ours, e.g. `{prompt = "question", response = "answer"}`.
+    #[serde(default)]
+    pub fields: datasets::records::FieldMap,
 }
 
 /// What tokenization did to a data set's records: said at loading and kept in the run folder
@@ -133,7 +137,7 @@ fn tokenize_file(
     tokenizer: &datasets::TextTokenizer,
     data: &DataSection,
 ) -> Result<(Vec<TokenRow>, DataReport)> {
-    let rows = datasets::records::load_records(path)?
+    let rows = datasets::records::load_records(path, &data.fields)?
         .iter()
         .map(|record| tokenize_record(tokenizer, data.template, record, usize::MAX))
         .collect::<Result<Vec<_>>>()?;
