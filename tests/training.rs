@@ -561,3 +561,76 @@ fn sft_trains_on_parquet_with_a_field_mapping() {
         "{stderr}"
     );
 }
+
+/// From a folder outside the clone: the built-in configs are listed, shown and copied, and
+/// `trainer recipe sft` runs its built-in default config, its tokenizer and data unpacked
+/// from the binary.
+#[test]
+fn builtin_configs_run_from_any_folder() {
+    let elsewhere = scratch_dir("outside-the-clone");
+    let trainer = |args: &[&str]| {
+        Command::new(trainer_bin())
+            .current_dir(&elsewhere)
+            .env("TRAINER_CACHE", elsewhere.join("cache"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let list = trainer(&["config", "list"]);
+    assert_succeeded(&list);
+    let list = String::from_utf8_lossy(&list.stdout);
+    for name in [
+        "sft/tiny",
+        "onpolicy-sft/tiny",
+        "skipgpt/tiny",
+        "sft/smollm2-135m",
+    ] {
+        assert!(list.contains(name), "{list}");
+    }
+    let shown = trainer(&["config", "show", "sft/tiny"]);
+    let on_disk =
+        std::fs::read_to_string(repo_root().join("recipes/configs/sft/tiny.toml")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&shown.stdout), on_disk);
+    assert_succeeded(&trainer(&["config", "cp", "sft/tiny", "mine.toml"]));
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("mine.toml")).unwrap(),
+        on_disk
+    );
+    let again = trainer(&["config", "cp", "sft/tiny", "mine.toml"]);
+    assert!(!again.status.success(), "an existing file was overwritten");
+
+    let short = [
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "data.eval_count=2",
+        "--set",
+        "train.eval_every=2",
+    ];
+    let mut args = vec!["recipe", "sft"];
+    args.extend(short);
+    assert_succeeded(&trainer(&args));
+    assert!(elsewhere
+        .join("runs/sft-tiny/final/model.safetensors")
+        .exists());
+    // The copied config runs too: its `recipes/...` paths resolve to the shipped files.
+    let mut args = vec![
+        "recipe",
+        "sft",
+        "--config",
+        "mine.toml",
+        "--set",
+        "run.dir=runs/mine",
+    ];
+    args.extend(short);
+    assert_succeeded(&trainer(&args));
+    assert!(elsewhere.join("runs/mine/final/model.safetensors").exists());
+    let unknown = trainer(&["recipe", "sft", "--config", "sft/tinny"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("sft/tinny") && stderr.contains("sft/tiny"),
+        "{stderr}"
+    );
+}

@@ -32,6 +32,11 @@ enum Command {
     Recipes,
     /// Run a recipe: `trainer recipe sft --config recipes/configs/sft/tiny.toml`.
     Recipe(RecipeCommand),
+    /// The configs built into the binary: `list`, `show NAME`, `cp NAME FILE`.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Write built-in synthetic data sets as JSONL.
     Data(DataArgs),
     /// Generate a continuation of a prompt with a Hugging Face model folder.
@@ -49,6 +54,16 @@ enum Command {
         #[arg(long)]
         bind: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Name each built-in config and the command that runs it.
+    List,
+    /// Print a built-in config.
+    Show { name: String },
+    /// Copy a built-in config to FILE, to edit and run with `--config FILE`.
+    Cp { name: String, file: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -92,7 +107,8 @@ struct GenerateArgs {
 struct RecipeCommand {
     /// Recipe name (see `trainer recipes`).
     name: String,
-    /// TOML config; defaults to the recipe's default config.
+    /// TOML config file, or the name of a built-in one (`trainer config list`); default the
+    /// recipe's built-in `RECIPE/tiny`.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override a config key: `--set train.lr=1e-4` (repeatable).
@@ -196,11 +212,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Recipe(args) => {
             let recipe = recipes::find(&args.name)?;
-            let config = args
-                .config
-                .unwrap_or_else(|| recipes::default_config(recipe).to_path_buf());
             (recipe.run)(&recipes::RecipeArgs {
-                config,
+                config: recipes::ConfigSource::choose(recipe, args.config.as_deref())?,
                 overrides: args.overrides,
                 resume: Resume::parse(args.resume.as_deref()),
                 overwrite: args.overwrite,
@@ -223,6 +236,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             })
         }
+        Command::Config { action } => run_config(action),
         Command::Orchestrator { bind } => trainer::distributed::serve_orchestrator(&bind),
         Command::Data(args) => {
             if args.task != "arithmetic" {
@@ -286,6 +300,34 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_config(action: ConfigAction) -> Result<()> {
+    use recipes::builtin::{config_name, config_text, CONFIGS};
+    match action {
+        ConfigAction::List => {
+            for config in CONFIGS {
+                let name = config_name(config);
+                let recipe = name.split('/').next().unwrap_or(name);
+                println!("{name:<26} trainer recipe {recipe} --config {name}");
+            }
+        }
+        ConfigAction::Show { name } => print!("{}", config_text(&name)?),
+        ConfigAction::Cp { name, file } => {
+            let text = config_text(&name)?;
+            if file.exists() {
+                bail!("{} exists already: not overwritten", file.display());
+            }
+            std::fs::write(&file, text)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            println!(
+                "wrote {} (run it with --config {})",
+                file.display(),
+                file.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {

@@ -1,7 +1,8 @@
 //! Recipes: each one a file that reads like its paper's algorithm, built on the engine in
 //! `trainer`. Default configs live in `recipes/configs/<recipe>/`, each starting with the
-//! command that runs it.
+//! command that runs it, and are compiled into the binary ([`builtin`]).
 
+pub mod builtin;
 pub mod common;
 pub mod onpolicy_sft;
 pub mod sft;
@@ -9,20 +10,71 @@ pub mod skipgpt;
 pub mod stages;
 pub mod verify;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
 use common::RunSection;
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
-use trainer::config::{load_config, Validate};
+use trainer::config::{checked, parse_config, Validate};
 use trainer::distributed::Cluster;
 use trainer::launch::{run_on_each_device, Launch};
 use trainer::train::Resume;
 use trainer::with_backend;
 
+/// Where a run's config comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// A config compiled into the binary, by name (`sft/tiny`).
+    Builtin(&'static str),
+}
+
+impl ConfigSource {
+    /// `--config X`: the file X when there is one, else the built-in config called X;
+    /// without `--config`, the recipe's default built-in config.
+    pub fn choose(recipe: &RecipeInfo, config: Option<&Path>) -> Result<Self> {
+        let Some(path) = config else {
+            return Ok(Self::Builtin(recipe.default_config));
+        };
+        if path.is_file() {
+            return Ok(Self::File(path.to_path_buf()));
+        }
+        match builtin::find_config(&path.to_string_lossy()) {
+            Some(shipped) => Ok(Self::Builtin(builtin::config_name(shipped))),
+            None => {
+                let names: Vec<&str> = builtin::CONFIGS.iter().map(builtin::config_name).collect();
+                bail!(
+                    "no config file {} and no built-in config of that name (built-in: {})",
+                    path.display(),
+                    names.join(", ")
+                )
+            }
+        }
+    }
+
+    /// The config with `overrides` applied and shipped paths resolved (see [`builtin`]),
+    /// typed and checked, and its resolved table.
+    pub fn load<C: RecipeConfig>(&self, overrides: &[String]) -> Result<(C, toml::Table)> {
+        let (text, source) = match self {
+            Self::File(path) => (
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?,
+                path.display().to_string(),
+            ),
+            Self::Builtin(name) => (
+                builtin::config_text(name)?.to_string(),
+                format!("built-in {name}"),
+            ),
+        };
+        let mut table = parse_config(&text, &source, overrides)?;
+        builtin::resolve_shipped_paths(&mut table)?;
+        Ok((checked(&table, &source)?, table))
+    }
+}
+
 /// How `trainer recipe` was called.
 pub struct RecipeArgs {
-    pub config: PathBuf,
+    pub config: ConfigSource,
     pub overrides: Vec<String>,
     pub resume: Resume,
     /// `--overwrite`: move an earlier run in the run folder aside and start over.
@@ -40,6 +92,7 @@ pub struct RecipeArgs {
 pub struct RecipeInfo {
     pub name: &'static str,
     pub summary: &'static str,
+    /// The built-in config run without `--config`.
     pub default_config: &'static str,
     pub run: fn(&RecipeArgs) -> Result<()>,
 }
@@ -49,19 +102,19 @@ pub const ALL: &[RecipeInfo] = &[
     RecipeInfo {
         name: "onpolicy-sft",
         summary: "shorter chains of thought: SFT on the model's own correct samples that finish inside a length cap",
-        default_config: "recipes/configs/onpolicy-sft/tiny.toml",
+        default_config: "onpolicy-sft/tiny",
         run: launch::<onpolicy_sft::OnPolicyConfig>,
     },
     RecipeInfo {
         name: "skipgpt",
         summary: "token routers that skip attention and MLP per token (router stage, then LoRA); real skipping at inference",
-        default_config: "recipes/configs/skipgpt/tiny.toml",
+        default_config: "skipgpt/tiny",
         run: launch::<skipgpt::SkipGptConfig>,
     },
     RecipeInfo {
         name: "sft",
         summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
-        default_config: "recipes/configs/sft/tiny.toml",
+        default_config: "sft/tiny",
         run: launch::<sft::SftConfig>,
     },
 ];
@@ -97,7 +150,7 @@ pub trait RecipeConfig: DeserializeOwned + Validate + Clone + Sync {
 /// Reads the recipe's config and runs it on each device of the call (see
 /// [`run_on_each_device`]).
 fn launch<C: RecipeConfig>(args: &RecipeArgs) -> Result<()> {
-    let (mut config, resolved): (C, _) = load_config(&args.config, &args.overrides)?;
+    let (mut config, resolved): (C, _) = args.config.load(&args.overrides)?;
     if let Some(stage) = &args.stage {
         config.select_stage(stage)?;
     }
@@ -176,9 +229,4 @@ impl RecipeConfig for skipgpt::SkipGptConfig {
     ) -> Result<()> {
         skipgpt::run::<B>(self, resolved, device)
     }
-}
-
-/// The default config path of a recipe, relative to the repository root.
-pub fn default_config(info: &RecipeInfo) -> &Path {
-    Path::new(info.default_config)
 }

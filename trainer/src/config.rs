@@ -74,16 +74,27 @@ pub fn load_config<T: DeserializeOwned + Validate>(
 ) -> Result<(T, Table)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
-    let mut table: Table = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("config {} is not valid TOML: {e}", path.display()))?;
+    let table = parse_config(&text, &path.display().to_string(), overrides)?;
+    Ok((checked(&table, &path.display().to_string())?, table))
+}
+
+/// The table of a config's `text` (from `source`, named in errors) with `overrides` applied.
+pub fn parse_config(text: &str, source: &str, overrides: &[String]) -> Result<Table> {
+    let mut table: Table = toml::from_str(text)
+        .map_err(|e| anyhow::anyhow!("config {source} is not valid TOML: {e}"))?;
     for item in overrides {
         apply_override(&mut table, item).with_context(|| format!("--set {item}"))?;
     }
-    let config: T = typed(&table, &path.display().to_string())?;
+    Ok(table)
+}
+
+/// Deserializes a resolved table into `T` and checks its ranges.
+pub fn checked<T: DeserializeOwned + Validate>(table: &Table, source: &str) -> Result<T> {
+    let config: T = typed(table, source)?;
     config
         .validate("")
-        .with_context(|| format!("config {}", path.display()))?;
-    Ok((config, table))
+        .with_context(|| format!("config {source}"))?;
+    Ok(config)
 }
 
 /// Deserializes a table, naming the offending key on error.
