@@ -41,6 +41,12 @@ enum Command {
     Data(DataArgs),
     /// Generate a continuation of a prompt with a Hugging Face model folder.
     Generate(GenerateArgs),
+    /// Loss and perplexity of a model folder on a data file, and with a verifier the accuracy
+    /// and length of its greedy answers: one table, and JSON.
+    Eval(EvalArgs),
+    /// Talk with a model folder through its chat template: one user turn a line on stdin,
+    /// answers streamed as they are generated.
+    Chat(ChatArgs),
     /// Draw the curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots/*.png.
     Plot { run_dir: PathBuf },
     /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
@@ -77,6 +83,69 @@ struct ImportArgs {
     /// Stored precision: f32 (exact for every quant type), bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Records: .jsonl, .json, .csv or .parquet (see the README's data section).
+    #[arg(long)]
+    data: PathBuf,
+    /// The data's name for one of our fields: `--field prompt=question` (repeatable).
+    #[arg(long = "field", value_name = "OURS=THEIRS")]
+    fields: Vec<String>,
+    /// plain or chat (the tokenizer's chat template).
+    #[arg(long, default_value = "plain")]
+    template: String,
+    /// Score greedy answers: `final-answer` (the last `#### x` or `\boxed{x}` against the
+    /// reference's).
+    #[arg(long, conflicts_with = "verifier_command")]
+    verifier: Option<String>,
+    /// Score greedy answers with a command (JSON lines in, one score a line out).
+    #[arg(long)]
+    verifier_command: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Records are cut to this many tokens (default the model's context).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Also write the numbers as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct ChatArgs {
+    /// Hugging Face model folder with a chat template.
+    #[arg(long)]
+    model: PathBuf,
+    /// A system prompt opening the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Default: generation_config.json's, else 256.
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Default: generation_config.json's (greedy when it says do_sample = false), else 0.7.
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Default: generation_config.json's, else 1.0.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print each prompt as the chat template renders it (to stderr).
+    #[arg(long)]
+    show_template: bool,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -254,6 +323,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Generate(args) => run_generate(args),
+        Command::Eval(args) => run_eval(args),
+        Command::Chat(args) => run_chat(args),
         Command::Plot { run_dir } => {
             for file in trainer::plot::plot_run(&run_dir)? {
                 println!("{}", file.display());
@@ -375,27 +446,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             pad_id: tokenizer.pad_id(),
         };
         let start = Instant::now();
-        // Streamed: each token's text is printed as soon as it is chosen (decoded with the
-        // tokens before it, since one character may span several byte-level tokens).
-        let mut tokens = Vec::new();
-        let mut printed = String::new();
-        let mut stdout = std::io::stdout();
-        let generated = generate_streaming(&model, &[prompt], &config, |_, token| {
-            tokens.push(token);
-            if let Ok(text) = tokenizer.decode(&tokens, true) {
-                if let Some(new) = text
-                    .strip_prefix(printed.as_str())
-                    .filter(|t| !t.contains('\u{fffd}'))
-                {
-                    let _ = write!(stdout, "{new}");
-                    let _ = stdout.flush();
-                    printed = text;
-                }
-            }
-        })?;
+        let (generated, printed) = stream_reply(&model, &tokenizer, prompt, &config)?;
         let seconds = start.elapsed().as_secs_f64();
-        let text = tokenizer.decode(&generated.tokens[0], true)?;
-        println!("{}", text.strip_prefix(printed.as_str()).unwrap_or(""));
+        println!("{}", printed.rest);
         if generated.tokens[0].len() == room && !generated.stopped[0] {
             eprintln!(
                 "[stopped at the model's context length, {} positions]",
@@ -407,6 +460,183 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             generated.num_tokens(),
             generated.num_tokens() as f64 / seconds
         );
+    });
+    Ok(())
+}
+
+/// What [`stream_reply`] printed, and the end of the text it held back (a byte-level token
+/// can end mid-character: such text waits for the next token).
+struct Printed {
+    rest: String,
+}
+
+/// Generates a continuation of one prompt, printing each token's text as soon as it is
+/// chosen (decoded with the tokens before it, since one character may span several
+/// byte-level tokens).
+fn stream_reply<B: burn::tensor::backend::Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    prompt: Vec<u32>,
+    config: &GenerationConfig,
+) -> Result<(trainer::generate::Generated, Printed)> {
+    let mut tokens = Vec::new();
+    let mut printed = String::new();
+    let mut stdout = std::io::stdout();
+    let generated = generate_streaming(model, &[prompt], config, |_, token| {
+        tokens.push(token);
+        if let Ok(text) = tokenizer.decode(&tokens, true) {
+            if let Some(new) = text
+                .strip_prefix(printed.as_str())
+                .filter(|t| !t.contains('\u{fffd}'))
+            {
+                let _ = write!(stdout, "{new}");
+                let _ = stdout.flush();
+                printed = text;
+            }
+        }
+    })?;
+    let text = tokenizer.decode(&generated.tokens[0], true)?;
+    let rest = text
+        .strip_prefix(printed.as_str())
+        .unwrap_or("")
+        .to_string();
+    Ok((generated, Printed { rest }))
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    use recipes::evaluate::{evaluate_records, EvalSettings};
+    use recipes::verify::{Verifier, VerifierConfig};
+    let template = match args.template.as_str() {
+        "plain" => datasets::Template::Plain,
+        "chat" => datasets::Template::Chat,
+        other => bail!("--template {other}: expected plain or chat"),
+    };
+    let mut fields = datasets::records::FieldMap::new();
+    for item in &args.fields {
+        let (ours, theirs) = item
+            .split_once('=')
+            .with_context(|| format!("--field {item}: expected OURS=THEIRS"))?;
+        fields.insert(ours.trim().to_string(), theirs.trim().to_string());
+    }
+    datasets::records::check_field_map(&fields)?;
+    trainer::config::ensure_count("--batch-size", args.batch_size as u64)?;
+    trainer::config::ensure_count("--max-new-tokens", args.max_new_tokens as u64)?;
+    let verifier: Option<(String, Box<dyn Verifier>)> =
+        match (&args.verifier, &args.verifier_command) {
+            (Some(name), _) if name == "final-answer" => {
+                Some((name.clone(), VerifierConfig::FinalAnswer.build()))
+            }
+            (Some(other), _) => {
+                bail!("--verifier {other}: expected final-answer (or give --verifier-command)")
+            }
+            (None, Some(command)) => Some((
+                format!("`{command}`"),
+                VerifierConfig::Command {
+                    command: command.clone(),
+                }
+                .build(),
+            )),
+            (None, None) => None,
+        };
+    let device = DeviceSpec::parse(&args.device)?.ensure_available()?;
+    let tokenizer = TextTokenizer::from_folder(&args.model)?;
+    with_backend!(device, |B, device| {
+        let model = CausalLm::<B>::load(&args.model, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let settings = EvalSettings {
+            data: &args.data,
+            fields: &fields,
+            template,
+            max_length: args
+                .max_length
+                .unwrap_or(model.config.max_position_embeddings),
+            batch_size: args.batch_size,
+            verifier: verifier
+                .as_ref()
+                .map(|(name, v)| (name.as_str(), v.as_ref())),
+            max_new_tokens: args.max_new_tokens,
+        };
+        let report = evaluate_records(
+            &model,
+            &tokenizer,
+            &args.model.display().to_string(),
+            &settings,
+        )?;
+        println!("{}", report.table());
+        let json = serde_json::to_string_pretty(&report)?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, &json)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        println!("{json}");
+    });
+    Ok(())
+}
+
+fn run_chat(args: ChatArgs) -> Result<()> {
+    use std::io::BufRead;
+    let defaults = trainer::generate::GenerationDefaults::from_folder(&args.model)?;
+    let temperature = args.temperature.or(defaults.temperature).unwrap_or(0.7);
+    let top_p = args.top_p.or(defaults.top_p).unwrap_or(1.0);
+    let max_new_tokens = args
+        .max_new_tokens
+        .or(defaults.max_new_tokens)
+        .unwrap_or(256);
+    trainer::config::ensure_non_negative("--temperature", temperature as f64)?;
+    trainer::config::ensure_probability("--top-p", top_p as f64)?;
+    trainer::config::ensure_count("--max-new-tokens", max_new_tokens as u64)?;
+    let device = DeviceSpec::parse(&args.device)?.ensure_available()?;
+    let tokenizer = TextTokenizer::from_folder(&args.model)?;
+    let mut conversation: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|system| ChatMessage::new("system", system))
+        .collect();
+    // Fail before the first question when the folder has no chat template.
+    tokenizer
+        .apply_chat_template(&[ChatMessage::new("user", "hi")], true)
+        .with_context(|| format!("{} cannot chat", args.model.display()))?;
+    with_backend!(device, |B, device| {
+        let model = CausalLm::<B>::load(&args.model, &device)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let mut stop_tokens = model.config.eos_token_ids.clone();
+        stop_tokens.extend(&defaults.eos_token_ids);
+        stop_tokens.extend(tokenizer.stop_ids());
+        eprintln!(
+            "chat with {} (temperature {temperature}, top_p {top_p}, up to {max_new_tokens} tokens a turn); one message a line, end with Ctrl-D",
+            args.model.display()
+        );
+        for (turn, line) in std::io::stdin().lock().lines().enumerate() {
+            let line = line.context("cannot read stdin")?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            conversation.push(ChatMessage::new("user", line.trim()));
+            let text = tokenizer.apply_chat_template(&conversation, true)?;
+            if args.show_template {
+                eprintln!("[prompt]\n{text}\n[/prompt]");
+            }
+            let prompt = tokenizer.encode(&text, false)?;
+            let room =
+                trainer::generate::room_for_new_tokens(&model, std::slice::from_ref(&prompt))?;
+            if room == 0 {
+                bail!(
+                    "the conversation fills the model's context ({} positions)",
+                    model.config.max_position_embeddings
+                );
+            }
+            let config = GenerationConfig {
+                max_new_tokens: max_new_tokens.min(room),
+                sampling: SamplingParams { temperature, top_p },
+                seed: args.seed.wrapping_add(turn as u64),
+                stop_tokens: stop_tokens.clone(),
+                pad_id: tokenizer.pad_id(),
+            };
+            let (generated, printed) = stream_reply(&model, &tokenizer, prompt, &config)?;
+            println!("{}", printed.rest);
+            let reply = tokenizer.decode(&generated.tokens[0], true)?;
+            conversation.push(ChatMessage::new("assistant", reply.trim()));
+        }
     });
     Ok(())
 }

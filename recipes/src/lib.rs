@@ -4,6 +4,7 @@
 
 pub mod builtin;
 pub mod common;
+pub mod evaluate;
 pub mod onpolicy_sft;
 pub mod sft;
 pub mod skipgpt;

@@ -13,9 +13,10 @@
 //! synthetic task's verbose solutions; otherwise `[model]` names the base.
 
 use crate::common::{prepare_run_dir, ModelSection, RunSection};
+use crate::evaluate::{mean, percentile, sample_and_score, TaskItem};
 use crate::sft::DataReport;
 use crate::stages::{train_stage, SftStage, StageContext};
-use crate::verify::{Judged, Verifier, VerifierConfig};
+use crate::verify::{Verifier, VerifierConfig};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -25,11 +26,9 @@ use datasets::{EpochSampler, Template, TextTokenizer, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use trainer::config::{ensure_count, ensure_non_negative, ensure_probability, Validate};
-use trainer::generate::{generate, GenerationConfig};
+use trainer::generate::GenerationConfig;
 use trainer::lora::LoraConfig;
-use trainer::progress::Progress;
 use trainer::sampling::SamplingParams;
 use trainer::train::{Next, Resume, TrainConfig, Trainer};
 use trainer::CausalLm;
@@ -145,14 +144,6 @@ pub struct EvalSection {
     pub batch_size: usize,
 }
 
-/// A prompt with its tokens and reference answer.
-#[derive(Debug, Clone)]
-pub struct TaskItem {
-    pub prompt: String,
-    pub tokens: Vec<u32>,
-    pub answer: String,
-}
-
 /// What evaluation measures on the held-out prompts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
@@ -231,88 +222,6 @@ fn load_task(
     Ok((items, eval.into_iter().take(task.eval_count).collect()))
 }
 
-/// Samples, scores and lengths of responses to `prompts`.
-struct Sampled {
-    tokens: Vec<Vec<u32>>,
-    scores: Vec<f32>,
-    finished: Vec<bool>,
-    seconds: f64,
-}
-
-/// Generates one response per entry of `prompts` (in batches) and scores it. A response that
-/// hit the cap scores 0 whatever it says.
-fn sample_and_score<B: Backend>(
-    model: &CausalLm<B>,
-    tokenizer: &TextTokenizer,
-    verifier: &dyn Verifier,
-    prompts: &[&TaskItem],
-    generation: &GenerationConfig,
-    batch_size: usize,
-    progress_label: Option<&str>,
-) -> Result<Sampled> {
-    let start = Instant::now();
-    let chunks = prompts.len().div_ceil(batch_size.max(1)) as u64;
-    let progress = progress_label.map(|label| Progress::new(label, chunks, 0, 1));
-    let mut out = Sampled {
-        tokens: vec![],
-        scores: vec![],
-        finished: vec![],
-        seconds: 0.0,
-    };
-    for (chunk_index, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
-        let inputs: Vec<Vec<u32>> = chunk.iter().map(|item| item.tokens.clone()).collect();
-        let config = GenerationConfig {
-            seed: generation.seed.wrapping_add(chunk_index as u64 * 7919),
-            ..generation.clone()
-        };
-        let generated = generate(model, &inputs, &config)?;
-        let texts: Vec<String> = generated
-            .tokens
-            .iter()
-            .map(|t| tokenizer.decode(t, true))
-            .collect::<Result<_>>()?;
-        let judged: Vec<Judged> = chunk
-            .iter()
-            .zip(&texts)
-            .map(|(item, text)| Judged {
-                prompt: &item.prompt,
-                response: text,
-                answer: &item.answer,
-            })
-            .collect();
-        let scores = verifier.score(&judged)?;
-        for ((tokens, stopped), score) in generated
-            .tokens
-            .into_iter()
-            .zip(generated.stopped)
-            .zip(scores)
-        {
-            out.scores.push(final_score(score, stopped));
-            out.finished.push(stopped);
-            out.tokens.push(tokens);
-        }
-        if let Some(progress) = &progress {
-            let accuracy = mean(out.scores.iter().map(|&s| s as f64));
-            progress.update(chunk_index as u64 + 1, &[("accuracy", accuracy)]);
-        }
-    }
-    if let Some(progress) = &progress {
-        progress.finish();
-    }
-    out.seconds = start.elapsed().as_secs_f64();
-    Ok(out)
-}
-
-/// A response cut by the length cap has no final answer: it scores 0, whatever the
-/// verifier found in the unfinished text.
-pub fn final_score(verifier_score: f32, finished: bool) -> f32 {
-    if finished {
-        verifier_score
-    } else {
-        0.0
-    }
-}
-
 /// Indices of the samples to train on, given `samples_per_prompt` consecutive samples per
 /// prompt: the correct ones (score above 0.5), at most `keep_shortest` per prompt when it
 /// is not 0. A prompt with no correct sample contributes nothing.
@@ -343,21 +252,6 @@ pub fn response_row(prompt: &[u32], response: &[u32]) -> TokenRow {
         segment: vec![1; tokens.len()],
         tokens,
     }
-}
-
-fn percentile(values: &[usize], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64
-}
-
-fn mean(values: impl Iterator<Item = f64>) -> f64 {
-    let (sum, count) = values.fold((0.0, 0usize), |(s, c), v| (s + v, c + 1));
-    sum / count.max(1) as f64
 }
 
 /// Greedy and sampled accuracy, response lengths (greedy) and the share cut by the budget.
@@ -697,6 +591,7 @@ pub fn summary_table(base: &EvalResult, trained: &EvalResult, prompts: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::evaluate::final_score;
 
     #[test]
     fn truncated_responses_score_zero_even_when_the_verifier_likes_them() {

@@ -4,7 +4,7 @@
 use crate::model::llama::{CausalLm, KvCache};
 use crate::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
 use crate::sampling::{sample, sequence_rng, SamplingParams};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -28,6 +28,51 @@ pub struct Generated {
 impl Generated {
     pub fn num_tokens(&self) -> usize {
         self.tokens.iter().map(Vec::len).sum()
+    }
+}
+
+/// The sampling defaults a model folder's `generation_config.json` sets (as `transformers`
+/// reads them): `do_sample = false` means greedy; `eos_token_id` adds stop tokens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl GenerationDefaults {
+    /// Reads `dir/generation_config.json`; a folder without one has no defaults.
+    pub fn from_folder(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let number = |key: &str| json.get(key).and_then(serde_json::Value::as_f64);
+        let greedy = json.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false);
+        let eos_token_ids = match json.get("eos_token_id") {
+            Some(serde_json::Value::Array(ids)) => ids
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            Some(id) => id.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        Ok(Self {
+            temperature: if greedy {
+                Some(0.0)
+            } else {
+                number("temperature").map(|t| t as f32)
+            },
+            top_p: number("top_p").map(|p| p as f32),
+            max_new_tokens: number("max_new_tokens").map(|n| n as usize),
+            eos_token_ids,
+        })
     }
 }
 

@@ -335,20 +335,31 @@ impl<B: Backend> DeviceBatch<B> {
     }
 }
 
-/// Summed loss and target count of batches under the current model (no gradients).
+/// Mean loss per target token of batches under the current model (no gradients).
 pub fn evaluate_loss<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) -> f64 {
+    let rows = row_losses(model, batches);
+    let total: f64 = rows.iter().map(|(nll, _)| nll).sum();
+    let count: usize = rows.iter().map(|(_, count)| count).sum();
+    total / count.max(1) as f64
+}
+
+/// Each row's summed `-log p(target)` over its target tokens, and how many there are (for
+/// per-record statistics such as a perplexity interval).
+pub fn row_losses<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) -> Vec<(f64, usize)> {
     let device = model.device();
-    let (mut total, mut count) = (0.0, 0usize);
+    let mut rows = Vec::new();
     for batch in batches {
+        let counts = batch
+            .target_mask
+            .iter()
+            .map(|m| m.iter().filter(|&&t| t).count());
         let batch = DeviceBatch::<B>::new(batch, &device);
         let logits = model.forward(batch.tokens, batch.positions, batch.allowed);
-        let sum: f32 = token_nll_sum(logits, batch.targets, batch.selected)
-            .into_scalar()
-            .elem();
-        total += sum as f64;
-        count += batch.num_targets;
+        let sums = (crate::loss::token_nll(logits, batch.targets) * batch.selected).sum_dim(1);
+        let sums: Vec<f32> = sums.into_data().to_vec().expect("f32 sums");
+        rows.extend(sums.into_iter().map(f64::from).zip(counts));
     }
-    total / count.max(1) as f64
+    rows
 }
 
 fn input_elements<Batch: MicroBatch>(micro_batches: &[Batch]) -> usize {
