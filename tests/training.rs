@@ -634,3 +634,175 @@ fn builtin_configs_run_from_any_folder() {
         "{stderr}"
     );
 }
+
+/// Step checkpoints open with Hugging Face tools. A full run's step folder holds config.json
+/// and HF-named weights; a LoRA run's holds the adapters only (ours and PEFT's layout) plus
+/// the base's folder and fingerprint, not the frozen base again. The outcomes of
+/// `from_pretrained` on such folders, recorded by scripts/check-peft-loads-ours, are checked
+/// with tolerances (nothing computed here is compared bitwise).
+#[test]
+fn step_checkpoints_load_in_hugging_face_tools() {
+    let full = scratch_dir("hf-step-full");
+    run_to_end(sft_command(
+        &test_config(),
+        &full,
+        &["--set", "train.steps=2", "--set", "train.save_every=2"],
+    ));
+    let step = checkpoint(&full, 2);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(step.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "float32");
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    // Our own loader reads the step folder as a model folder, weights equal to the export's.
+    let from_step = trainer::CausalLm::<trainer::Cpu>::load(&step, &Default::default()).unwrap();
+    let exported =
+        trainer::CausalLm::<trainer::Cpu>::load(&full.join("final"), &Default::default()).unwrap();
+    assert_eq!(
+        trainer::train::weights_fingerprint(&from_step),
+        trainer::train::weights_fingerprint(&exported)
+    );
+
+    // LoRA on a model folder: adapters only, naming that folder.
+    let lora = scratch_dir("hf-step-lora");
+    let lora_config = repo_root().join("tests/fixtures/configs/sft-lora-peft.toml");
+    run_to_end(sft_command(&lora_config, &lora, &[]));
+    let step = checkpoint(&lora, 3);
+    let model = WeightSource::open(&[step.join("model.safetensors")]).unwrap();
+    assert!(
+        model.names().all(trainer::lora::is_adapter_parameter),
+        "frozen weights stored again"
+    );
+    let base_size =
+        std::fs::metadata(repo_root().join("tests/fixtures/hf/llama-gqa/model.safetensors"))
+            .unwrap()
+            .len();
+    assert!(
+        std::fs::metadata(step.join("model.safetensors"))
+            .unwrap()
+            .len()
+            < base_size / 4
+    );
+    let adapter: Value =
+        serde_json::from_str(&std::fs::read_to_string(step.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let named = Path::new(adapter["base_model_name_or_path"].as_str().unwrap()).to_path_buf();
+    assert_eq!(
+        named,
+        repo_root()
+            .join("tests/fixtures/hf/llama-gqa")
+            .canonicalize()
+            .unwrap()
+    );
+    assert!(
+        WeightSource::open(&[step.join("adapter_model.safetensors")])
+            .unwrap()
+            .names()
+            .all(|n| n.contains(".lora_"))
+    );
+
+    // LoRA on a model trained from scratch: the frozen base is written once, to RUN/base.
+    let scratch_lora = scratch_dir("hf-step-scratch-lora");
+    let settings = [
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "lora.rank=2",
+        "--set",
+        "lora.alpha=4",
+        "--set",
+        "lora.targets=[\"q_proj\"]",
+    ];
+    run_to_end(sft_command(&test_config(), &scratch_lora, &settings));
+    let base =
+        trainer::CausalLm::<trainer::Cpu>::load(&scratch_lora.join("base"), &Default::default())
+            .unwrap();
+    assert_eq!(base.config.num_hidden_layers, 2);
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(checkpoint(&scratch_lora, 4).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        Path::new(adapter["base_model_name_or_path"].as_str().unwrap()),
+        scratch_lora.join("base").canonicalize().unwrap()
+    );
+
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/peft/hf_loads_checkpoints.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "auto_peft_adapter_merged_vs_our_merged",
+        "lora_step_checkpoint_merged_vs_our_merged",
+        "full_step_checkpoint_vs_export",
+    ] {
+        assert!(record[key].as_f64().unwrap() <= 1e-5, "{key}: {record}");
+    }
+    // Unmerged against merged differs by rounding only, as much as PEFT against itself.
+    let floor = record["peft_unmerged_vs_peft_merged"].as_f64().unwrap();
+    assert!(
+        record["auto_peft_adapter_unmerged_vs_our_merged"]
+            .as_f64()
+            .unwrap()
+            <= floor * 1.01 + 1e-7
+    );
+    assert!(
+        record["lora_step_checkpoint_unmerged_vs_our_merged"]
+            .as_f64()
+            .unwrap()
+            < 1e-4
+    );
+    let files: Vec<&str> = record["lora_step_checkpoint_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(
+        files.contains(&"adapter_model.safetensors") && !files.contains(&"config.json"),
+        "{files:?}"
+    );
+}
+
+/// A LoRA checkpoint resumed over another base model is refused, naming the checkpoint.
+#[test]
+fn lora_resume_on_another_base_is_refused() {
+    let run = scratch_dir("lora-base-changed");
+    let settings = [
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "lora.rank=2",
+        "--set",
+        "lora.alpha=4",
+        "--set",
+        "lora.targets=[\"q_proj\"]",
+    ];
+    let mut child = sft_command(&test_config(), &run, &settings)
+        .spawn()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    // Resume with a different scratch seed: the base the recipe builds is not the trained one.
+    let mut resumed = settings.to_vec();
+    resumed.extend([
+        "--set",
+        "run.seed=99",
+        "--set",
+        "train.steps=6",
+        "--resume",
+        "auto",
+    ]);
+    let output = sft_command(&test_config(), &run, &resumed)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("another base model") && stderr.contains("step-00000004"),
+        "{stderr}"
+    );
+}

@@ -114,6 +114,15 @@ impl HfFolder {
     }
 }
 
+/// A model's config.json saying the stored precision: `dtype` is what transformers 5 reads,
+/// `torch_dtype` what 4 reads.
+pub fn config_with_dtype(config: &Value, dtype: StoreDtype) -> Value {
+    let mut config = config.clone();
+    config["torch_dtype"] = Value::String(dtype.torch_name().into());
+    config["dtype"] = Value::String(dtype.torch_name().into());
+    config
+}
+
 /// Writes a Hugging Face folder: config.json, model.safetensors (in `dtype`), and copies of
 /// the tokenizer files from `tokenizer_from` when given. Each file is written atomically.
 pub fn save_hf_folder(
@@ -125,10 +134,7 @@ pub fn save_hf_folder(
 ) -> Result<()> {
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let mut config = config.clone();
-    // `dtype` is what transformers 5 reads, `torch_dtype` what 4 reads.
-    config["torch_dtype"] = Value::String(dtype.torch_name().into());
-    config["dtype"] = Value::String(dtype.torch_name().into());
+    let config = config_with_dtype(config, dtype);
     let config_text = serde_json::to_string_pretty(&config)? + "\n";
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&out_dir.join(WEIGHTS_FILE), tensors, dtype, Some(metadata))?;

@@ -27,10 +27,12 @@ pub const DAMAGED_DIR: &str = "damaged";
 /// Where checkpoints newer than the one a run resumed from are moved.
 pub const SUPERSEDED_DIR: &str = "superseded";
 
-/// What goes into one checkpoint: tensor files by name (`model`, `optimizer`, ...) and a
-/// JSON state (step, data cursor, seeds).
+/// What goes into one checkpoint: tensor files by name (`model`, `optimizer`, ...), other
+/// JSON files by file name (`config.json`, `adapter_config.json`), and a JSON state (step,
+/// data cursor, seeds).
 pub struct CheckpointContents {
     pub tensor_files: Vec<(String, Vec<(String, HostTensor)>)>,
+    pub json_files: Vec<(String, Value)>,
     pub state: Value,
 }
 
@@ -273,8 +275,20 @@ fn write_staging(staging: &Path, step: u64, contents: &CheckpointContents) -> Re
     let mut manifest = BTreeMap::new();
     for (name, tensors) in &contents.tensor_files {
         let file = format!("{name}.safetensors");
-        write_safetensors(&staging.join(&file), tensors, StoreDtype::F32, None)?;
+        // `format: pt`, as torch writes it: transformers and peft refuse files without it.
+        let metadata = [("format".to_string(), "pt".to_string())].into();
+        write_safetensors(
+            &staging.join(&file),
+            tensors,
+            StoreDtype::F32,
+            Some(metadata),
+        )?;
         manifest.insert(file.clone(), sha256_hex(&fs::read(staging.join(&file))?));
+    }
+    for (file, value) in &contents.json_files {
+        let bytes = serde_json::to_vec_pretty(value)?;
+        atomic::write_file(&staging.join(file), &bytes)?;
+        manifest.insert(file.clone(), sha256_hex(&bytes));
     }
     let state = serde_json::to_vec_pretty(&contents.state)?;
     atomic::write_file(&staging.join(STATE_FILE), &state)?;
@@ -327,6 +341,7 @@ mod tests {
 
     fn contents(value: f32) -> CheckpointContents {
         CheckpointContents {
+            json_files: vec![],
             tensor_files: vec![(
                 "model".into(),
                 vec![("w".into(), HostTensor::new(vec![2], vec![value, 1.0]))],

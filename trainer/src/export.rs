@@ -4,9 +4,11 @@
 use crate::lora::{self, LoraConfig};
 use crate::model::init::ParamInit;
 use crate::model::llama::{CausalLm, LlamaConfig};
+use crate::train::FrozenBase;
 use crate::weights;
 use crate::Cpu;
 use anyhow::{bail, Context, Result};
+use checkpoints::hf_folder::HfFolder;
 use checkpoints::run_checkpoints::open_checkpoint;
 use checkpoints::StoreDtype;
 use std::path::Path;
@@ -14,7 +16,9 @@ use std::path::Path;
 /// The run folder's copy of the tokenizer files.
 pub const RUN_TOKENIZER_DIR: &str = "tokenizer";
 
-/// Loads the model of a checkpoint (adapters still separate) on the CPU.
+/// Loads the model of a checkpoint (adapters still separate) on the CPU. A LoRA checkpoint
+/// holds its adapters only: the frozen weights come from the base it names, checked against
+/// the fingerprint recorded at training.
 pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Option<LoraConfig>)> {
     let checkpoint = open_checkpoint(checkpoint_dir)?;
     let state = checkpoint.state()?;
@@ -27,7 +31,37 @@ pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Op
     if let Some(lora_config) = &lora {
         model = lora::attach(model, lora_config, 0)?;
     }
-    let (model, unused) = weights::load_from_source(model, &checkpoint.tensors("model")?)?;
+    let tensors = checkpoint.tensors("model")?;
+    let (model, unused) = if state["model_tensors"] == "adapters" {
+        let base: FrozenBase = serde_json::from_value(state["base"].clone())
+            .with_context(|| format!("{source}: bad `base`"))?;
+        let run_dir = checkpoint_dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        let base_dir = base.folder(run_dir);
+        let base_weights = HfFolder::new(&base_dir)
+            .and_then(|folder| folder.weights())
+            .with_context(|| {
+                format!(
+                    "{} names its base model {}",
+                    checkpoint_dir.display(),
+                    base_dir.display()
+                )
+            })?;
+        let frozen = |name: &str| !lora::is_adapter_parameter(name);
+        let (model, _) = weights::load_from_source_where(model, &base_weights, &frozen)?;
+        if weights::fingerprint_where(&model, &frozen) != base.sha256 {
+            bail!(
+                "{}: the base model {} has changed since the adapters were trained on it",
+                checkpoint_dir.display(),
+                base_dir.display()
+            );
+        }
+        weights::load_from_source_where(model, &tensors, &lora::is_adapter_parameter)?
+    } else {
+        weights::load_from_source(model, &tensors)?
+    };
     if !unused.is_empty() {
         bail!(
             "{} holds tensors the model lacks: {}",
@@ -47,13 +81,26 @@ pub fn export_checkpoint(checkpoint_dir: &Path, out: &Path, dtype: StoreDtype) -
         .and_then(Path::parent)
         .map(|run| run.join(RUN_TOKENIZER_DIR))
         .filter(|dir| dir.exists());
-    // The adapter's base is the folder the run started from; a model trained from scratch has
-    // none on disk, and the merged export is named instead.
+    // The adapter's base is the folder the run started from (or the run's own copy of it).
     let state = open_checkpoint(checkpoint_dir)?.state()?;
-    let base_name = state["base_model"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| out.display().to_string());
+    let run_dir = checkpoint_dir
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    let base_name = match serde_json::from_value::<FrozenBase>(state["base"].clone()) {
+        Ok(base) => {
+            let folder = base.folder(run_dir);
+            folder
+                .canonicalize()
+                .unwrap_or(folder)
+                .display()
+                .to_string()
+        }
+        Err(_) => state["base_model"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| out.display().to_string()),
+    };
     write_export(
         model,
         lora.as_ref(),

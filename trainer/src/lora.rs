@@ -10,7 +10,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use checkpoints::names::peft_key;
-use checkpoints::{atomic, write_safetensors, StoreDtype, WeightSource};
+use checkpoints::{atomic, write_safetensors, HostTensor, StoreDtype, WeightSource};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -116,7 +116,22 @@ pub fn save_peft_adapter<B: Backend>(
     base_model: &str,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let tensors: Vec<_> = named_tensors(model)
+    let tensors = peft_adapter_tensors(named_tensors(model))?;
+    write_safetensors(
+        &dir.join("adapter_model.safetensors"),
+        &tensors,
+        StoreDtype::F32,
+        Some([("format".to_string(), "pt".to_string())].into()),
+    )?;
+    atomic::write_file(
+        &dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&peft_adapter_config(config, base_model))?.as_bytes(),
+    )
+}
+
+/// The adapter tensors among a model's `named` tensors, under PEFT's names.
+pub fn peft_adapter_tensors(named: Vec<(String, HostTensor)>) -> Result<Vec<(String, HostTensor)>> {
+    let tensors: Vec<_> = named
         .into_iter()
         .filter(|(name, _)| is_adapter_parameter(name))
         .map(|(name, tensor)| (peft_key(&name), tensor))
@@ -124,13 +139,12 @@ pub fn save_peft_adapter<B: Backend>(
     if tensors.is_empty() {
         bail!("the model carries no LoRA adapter to export");
     }
-    write_safetensors(
-        &dir.join("adapter_model.safetensors"),
-        &tensors,
-        StoreDtype::F32,
-        Some([("format".to_string(), "pt".to_string())].into()),
-    )?;
-    let adapter_config = json!({
+    Ok(tensors)
+}
+
+/// PEFT's `adapter_config.json` for adapters of `config` on the model at `base_model`.
+pub fn peft_adapter_config(config: &LoraConfig, base_model: &str) -> Value {
+    json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -143,11 +157,7 @@ pub fn save_peft_adapter<B: Backend>(
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
-    });
-    atomic::write_file(
-        &dir.join("adapter_config.json"),
-        serde_json::to_string_pretty(&adapter_config)?.as_bytes(),
-    )
+    })
 }
 
 /// The `[lora]` settings of a PEFT adapter folder's `adapter_config.json`. PEFT options that

@@ -25,6 +25,7 @@ use burn::tensor::TensorData;
 use checkpoints::run_checkpoints::{
     open_checkpoint, Checkpoint, CheckpointContents, CheckpointDir,
 };
+use checkpoints::{hf_folder, StoreDtype};
 use datasets::TokenBatch;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -366,17 +367,9 @@ fn input_elements<Batch: MicroBatch>(micro_batches: &[Batch]) -> usize {
     micro_batches.iter().map(MicroBatch::num_inputs).sum()
 }
 
-/// SHA-256 over every parameter's name and f32 bytes, in name order (hashed tensor by
-/// tensor: no second copy of the model in memory).
+/// SHA-256 over every parameter's name and f32 bytes, in name order.
 pub fn weights_fingerprint<B: Backend, M: Module<B>>(model: &M) -> String {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    for (name, tensor) in named_tensors(model) {
-        hasher.update(name.as_bytes());
-        let bytes: Vec<u8> = tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        hasher.update(&bytes);
-    }
-    checkpoints::run_checkpoints::hex(&hasher.finalize())
+    weights::fingerprint_where(model, &|_| true)
 }
 
 /// Where a micro-batch sits in its step, so an objective can scale its loss: the losses of
@@ -484,7 +477,37 @@ pub struct Trainer<B: AutodiffBackend, M: Trainable<B> = CausalLm<B>> {
     /// The Hugging Face folder the trained model was loaded from, if any: exported PEFT
     /// adapters name it as their base (set by the recipe after `start`).
     pub base_model: Option<PathBuf>,
+    /// Fingerprint of a LoRA run's frozen weights (computed once).
+    frozen_sha256: Option<String>,
     divergence: DivergenceWatch,
+}
+
+/// Where a LoRA checkpoint's frozen weights are: a model folder, or `RUN/base`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FrozenBase {
+    /// The folder the run loaded its model from; `None`: `RUN/base` of the run folder.
+    pub folder: Option<PathBuf>,
+    /// [`weights::fingerprint_where`] of every non-adapter weight.
+    pub sha256: String,
+}
+
+impl FrozenBase {
+    pub const RUN_FOLDER: &'static str = "base";
+
+    /// The base folder, given the run folder.
+    pub fn folder(&self, run_dir: &Path) -> PathBuf {
+        match &self.folder {
+            Some(folder) => folder.clone(),
+            None => run_dir.join(Self::RUN_FOLDER),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.folder {
+            Some(folder) => format!("trained on {}", folder.display()),
+            None => format!("trained on the run's own {}/", Self::RUN_FOLDER),
+        }
+    }
 }
 
 /// A lineage id: unique per fresh start.
@@ -649,6 +672,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             lineage,
             last_saved: None,
             base_model: None,
+            frozen_sha256: None,
             divergence: DivergenceWatch::default(),
             stop: stop_requested(),
             peer,
@@ -703,8 +727,28 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         let state = checkpoint.state()?;
         let source = checkpoint.tensors("model")?;
         let model = self.model.clone();
-        let (model, unused) = weights::load_from_source(model, &source)
-            .with_context(|| format!("restoring {}", checkpoint.dir.display()))?;
+        let adapters_only = state["model_tensors"] == "adapters";
+        let loaded = if adapters_only {
+            // The frozen base is the model the recipe built: check it is the one trained on.
+            let base: FrozenBase = serde_json::from_value(state["base"].clone())
+                .context("state.json: `base` missing or malformed")?;
+            let sha256 =
+                weights::fingerprint_where(&model, &|name| !lora::is_adapter_parameter(name));
+            if sha256 != base.sha256 {
+                bail!(
+                    "checkpoint {} holds LoRA adapters trained on another base model than this run \
+                     loaded ({}): its frozen weights differ",
+                    checkpoint.dir.display(),
+                    base.describe()
+                );
+            }
+            self.frozen_sha256 = Some(sha256);
+            weights::load_from_source_where(model, &source, &lora::is_adapter_parameter)
+        } else {
+            weights::load_from_source(model, &source)
+        };
+        let (model, unused) =
+            loaded.with_context(|| format!("restoring {}", checkpoint.dir.display()))?;
         if !unused.is_empty() {
             bail!(
                 "checkpoint {} holds tensors this run lacks: {}",
@@ -1050,8 +1094,13 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         }
     }
 
+    /// Saves a checkpoint: the weights and optimizer state, `state.json`, and what makes the
+    /// folder loadable by Hugging Face tools. A full run stores every weight with its
+    /// `config.json` (`from_pretrained(step folder)` works); a LoRA run stores its adapters
+    /// only, beside the same adapters in the PEFT layout (`AutoPeftModelForCausalLM`), and
+    /// names the frozen base with its fingerprint instead of storing it again.
     pub fn save_checkpoint(&mut self, recipe_state: Value) -> Result<Checkpoint> {
-        let state = json!({
+        let mut state = json!({
             "lineage": self.lineage,
             "base_model": self.base_model,
             "step": self.step,
@@ -1064,11 +1113,43 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             "peers": self.peer.world(),
             "recipe": recipe_state,
         });
+        let weights = named_tensors(&self.model);
+        let (tensor_files, json_files) = match self.lora.clone() {
+            None => {
+                let config =
+                    hf_folder::config_with_dtype(&self.model.config_json(), StoreDtype::F32);
+                (
+                    vec![("model".to_string(), weights)],
+                    vec![("config.json".to_string(), config)],
+                )
+            }
+            Some(lora_config) => {
+                let base = self.frozen_base()?;
+                let adapters: Vec<_> = weights
+                    .into_iter()
+                    .filter(|(name, _)| lora::is_adapter_parameter(name))
+                    .collect();
+                let peft = lora::peft_adapter_tensors(adapters.clone())?;
+                let peft_config = lora::peft_adapter_config(
+                    &lora_config,
+                    &base.folder(&self.run_dir).display().to_string(),
+                );
+                state["model_tensors"] = json!("adapters");
+                state["base"] = serde_json::to_value(&base)?;
+                (
+                    vec![
+                        ("model".to_string(), adapters),
+                        ("adapter_model".to_string(), peft),
+                    ],
+                    vec![("adapter_config.json".to_string(), peft_config)],
+                )
+            }
+        };
+        let mut tensor_files = tensor_files;
+        tensor_files.push(("optimizer".into(), self.optimizer.state_tensors()));
         let contents = CheckpointContents {
-            tensor_files: vec![
-                ("model".into(), named_tensors(&self.model)),
-                ("optimizer".into(), self.optimizer.state_tensors()),
-            ],
+            tensor_files,
+            json_files,
             state,
         };
         let saved = self
@@ -1076,6 +1157,41 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             .save(self.step, &contents, self.config.keep_last)?;
         self.last_saved = Some(saved.clone());
         Ok(saved)
+    }
+
+    /// The frozen weights of a LoRA run: the folder the run loaded them from, or, for a model
+    /// that has none on disk (trained from scratch, or changed by its recipe), `RUN/base`,
+    /// written once; with their fingerprint, computed once.
+    fn frozen_base(&mut self) -> Result<FrozenBase> {
+        if self.frozen_sha256.is_none() {
+            self.frozen_sha256 = Some(weights::fingerprint_where(&self.model, &|name| {
+                !lora::is_adapter_parameter(name)
+            }));
+        }
+        let sha256 = self.frozen_sha256.clone().expect("just computed");
+        let folder = match &self.base_model {
+            Some(folder) => Some(folder.canonicalize().unwrap_or_else(|_| folder.clone())),
+            None => {
+                let dir = self.run_dir.join(FrozenBase::RUN_FOLDER);
+                if !dir.join("config.json").exists() {
+                    let frozen: Vec<_> = named_tensors(&self.model)
+                        .into_iter()
+                        .filter(|(name, _)| !lora::is_adapter_parameter(name))
+                        .collect();
+                    let tokenizer = self.run_dir.join(crate::export::RUN_TOKENIZER_DIR);
+                    let tokenizer = tokenizer.exists().then_some(tokenizer);
+                    hf_folder::save_hf_folder(
+                        &dir,
+                        &self.model.config_json(),
+                        &frozen,
+                        StoreDtype::F32,
+                        tokenizer.as_deref(),
+                    )?;
+                }
+                None
+            }
+        };
+        Ok(FrozenBase { folder, sha256 })
     }
 
     /// The model for evaluation and generation: no gradient tracking.

@@ -128,6 +128,71 @@ pub fn load_tensors<B: Backend, M: Module<B>>(
     }
 }
 
+/// As [`load_from_source`] for the parameters that `wanted` names; the others keep their
+/// values (and must not be in `source`: they are returned as unused if they are).
+pub fn load_from_source_where<B: Backend, M: Module<B>>(
+    module: M,
+    source: &WeightSource,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<(M, Vec<String>)> {
+    let mut used = BTreeSet::new();
+    let module = load_tensors(module, |name| {
+        if !wanted(name) {
+            return Ok(None);
+        }
+        if !source.contains(name) {
+            bail!("tensor `{name}` is missing");
+        }
+        used.insert(name.to_string());
+        source.get(name).map(Some)
+    })
+    .with_context(|| format!("loading weights from {}", source.describe()))?;
+    let unused = source
+        .names()
+        .filter(|n| !used.contains(*n))
+        .map(str::to_string)
+        .collect();
+    Ok((module, unused))
+}
+
+/// SHA-256 over the name and f32 bytes of each parameter that `include` names, in visiting
+/// order, one tensor at a time (no second copy of the model in memory).
+pub fn fingerprint_where<B: Backend, M: Module<B>>(
+    module: &M,
+    include: &dyn Fn(&str) -> bool,
+) -> String {
+    use sha2::Digest;
+    struct Hash<'a> {
+        path: Vec<String>,
+        include: &'a dyn Fn(&str) -> bool,
+        hasher: sha2::Sha256,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Hash<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let name = self.path.join(".");
+            if (self.include)(&name) {
+                let tensor = to_host(param.val());
+                self.hasher.update(name.as_bytes());
+                let bytes: Vec<u8> = tensor.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                self.hasher.update(&bytes);
+            }
+        }
+    }
+    let mut visitor = Hash {
+        path: vec![],
+        include,
+        hasher: sha2::Sha256::new(),
+    };
+    module.visit::<Hash>(&mut visitor);
+    checkpoints::run_checkpoints::hex(&visitor.hasher.finalize())
+}
+
 /// Loads every parameter of `module` from `source` by name; a missing tensor is an error.
 /// Returns the module and the names in `source` it did not use.
 pub fn load_from_source<B: Backend, M: Module<B>>(
