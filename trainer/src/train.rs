@@ -1116,12 +1116,16 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         let weights = named_tensors(&self.model);
         let (tensor_files, json_files) = match self.lora.clone() {
             None => {
-                let config =
-                    hf_folder::config_with_dtype(&self.model.config_json(), StoreDtype::F32);
-                (
-                    vec![("model".to_string(), weights)],
-                    vec![("config.json".to_string(), config)],
-                )
+                // A language model's config makes the folder a Hugging Face model folder.
+                let config = self.model.config_json();
+                let json_files = match config.get("architectures") {
+                    Some(_) => vec![(
+                        "config.json".to_string(),
+                        hf_folder::config_with_dtype(&config, StoreDtype::F32),
+                    )],
+                    None => vec![],
+                };
+                (vec![("model".to_string(), weights)], json_files)
             }
             Some(lora_config) => {
                 let base = self.frozen_base()?;
