@@ -193,6 +193,9 @@ struct RecipeCommand {
     /// One stage of a multi-stage recipe (skipgpt: `router` or `lora`).
     #[arg(long)]
     stage: Option<String>,
+    /// llm4tsf: `pre` or `post` alignment (the same as `--set alignment=...`).
+    #[arg(long)]
+    alignment: Option<String>,
     /// Data-parallel on this node's devices, one peer each: `cpu,cpu` or `cuda:0,cuda:1`.
     #[arg(long, value_name = "DEVICES")]
     devices: Option<String>,
@@ -281,9 +284,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Recipe(args) => {
             let recipe = recipes::find(&args.name)?;
+            let mut overrides = args.overrides;
+            if let Some(alignment) = &args.alignment {
+                if recipe.name != "llm4tsf" {
+                    bail!("--alignment is for llm4tsf, not {}", recipe.name);
+                }
+                overrides.push(format!("alignment={alignment}"));
+            }
             (recipe.run)(&recipes::RecipeArgs {
                 config: recipes::ConfigSource::choose(recipe, args.config.as_deref())?,
-                overrides: args.overrides,
+                overrides,
                 resume: Resume::parse(args.resume.as_deref()),
                 overwrite: args.overwrite,
                 stage: args.stage,

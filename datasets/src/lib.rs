@@ -4,6 +4,7 @@
 pub mod examples;
 pub mod records;
 pub mod sampler;
+pub mod series;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -28,6 +28,7 @@ macro_rules! shipped {
 
 /// The default configs, `recipes/configs/RECIPE/NAME.toml`, known as `RECIPE/NAME`.
 pub const CONFIGS: &[Shipped] = shipped![
+    "configs/llm4tsf/tiny.toml",
     "configs/onpolicy-sft/smollm2-135m.toml",
     "configs/onpolicy-sft/tiny.toml",
     "configs/sft/smollm2-135m.toml",
@@ -44,6 +45,10 @@ pub const ASSETS: &[Shipped] = shipped![
     "assets/kjv-tokenizer/tokenizer_config.json",
     "data/arithmetic-verbose.jsonl",
     "data/kjv-corpus.txt",
+    "data/series/airline-passengers.csv",
+    "data/series/co2-weekly.csv",
+    "data/series/seattle-temps.csv",
+    "data/series/sunspots-yearly.csv",
 ];
 
 const CONFIG_PREFIX: &str = "recipes/configs/";

@@ -139,24 +139,35 @@ pub fn wilson_interval(successes: f64, n: usize) -> (f64, f64) {
 /// token count): records are resampled (tokens within a record are not independent), with a
 /// fixed seed so the interval is reproducible.
 pub fn perplexity_interval(records: &[(f64, usize)], resamples: usize, seed: u64) -> (f64, f64) {
+    let (low, high) = bootstrap_mean_interval(records, resamples, seed);
+    (low.exp(), high.exp())
+}
+
+/// A 95% percentile-bootstrap interval for `sum of values / sum of counts` over records given
+/// as (value, count), resampling records with a fixed seed.
+pub fn bootstrap_mean_interval(
+    records: &[(f64, usize)],
+    resamples: usize,
+    seed: u64,
+) -> (f64, f64) {
     use rand::{Rng, SeedableRng};
-    if records.is_empty() {
+    if records.is_empty() || resamples == 0 {
         return (f64::NAN, f64::NAN);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut perplexities: Vec<f64> = (0..resamples)
+    let mut means: Vec<f64> = (0..resamples)
         .map(|_| {
-            let (mut nll, mut tokens) = (0.0, 0usize);
+            let (mut total, mut count) = (0.0, 0usize);
             for _ in 0..records.len() {
-                let (sum, count) = records[rng.random_range(0..records.len())];
-                nll += sum;
-                tokens += count;
+                let (value, n) = records[rng.random_range(0..records.len())];
+                total += value;
+                count += n;
             }
-            (nll / tokens.max(1) as f64).exp()
+            total / count.max(1) as f64
         })
         .collect();
-    perplexities.sort_by(f64::total_cmp);
-    let at = |q: f64| perplexities[((q * resamples as f64) as usize).min(resamples - 1)];
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * resamples as f64) as usize).min(resamples - 1)];
     (at(0.025), at(0.975))
 }
 

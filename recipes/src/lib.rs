@@ -5,6 +5,7 @@
 pub mod builtin;
 pub mod common;
 pub mod evaluate;
+pub mod llm4tsf;
 pub mod onpolicy_sft;
 pub mod sft;
 pub mod skipgpt;
@@ -101,6 +102,12 @@ pub struct RecipeInfo {
 /// Every recipe this build can run.
 pub const ALL: &[RecipeInfo] = &[
     RecipeInfo {
+        name: "llm4tsf",
+        summary: "forecasting through a language-model backbone, series aligned to its embeddings before it (pre) or not (post); DLinear and last-value baselines",
+        default_config: "llm4tsf/tiny",
+        run: launch::<llm4tsf::Llm4tsfConfig>,
+    },
+    RecipeInfo {
         name: "onpolicy-sft",
         summary: "shorter chains of thought: SFT on the model's own correct samples that finish inside a length cap",
         default_config: "onpolicy-sft/tiny",
@@ -189,6 +196,23 @@ impl RecipeConfig for sft::SftConfig {
         device: B::Device,
     ) -> Result<()> {
         sft::run::<B>(self, resolved, resume, device)
+    }
+}
+
+impl RecipeConfig for llm4tsf::Llm4tsfConfig {
+    const NAME: &'static str = "llm4tsf";
+
+    fn run_section(&mut self) -> &mut RunSection {
+        &mut self.run
+    }
+
+    fn run<B: AutodiffBackend>(
+        self,
+        resolved: &toml::Table,
+        resume: &Resume,
+        device: B::Device,
+    ) -> Result<()> {
+        llm4tsf::run::<B>(self, resolved, resume, device)
     }
 }
 

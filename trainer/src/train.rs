@@ -826,15 +826,27 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         rows: &[datasets::TokenRow],
         pad_id: u32,
     ) -> Result<Vec<TokenBatch>> {
+        Ok(self
+            .next_micro_batch_indices(sampler)?
+            .into_iter()
+            .map(|indices| {
+                let picked: Vec<&datasets::TokenRow> = indices.iter().map(|&i| &rows[i]).collect();
+                TokenBatch::from_rows(&picked, pad_id)
+            })
+            .collect())
+    }
+
+    /// This peer's sample indices for each micro-batch of the next step (for batches of any
+    /// kind: see [`next_micro_batches`](Self::next_micro_batches)).
+    pub fn next_micro_batch_indices(
+        &self,
+        sampler: &mut datasets::EpochSampler,
+    ) -> Result<Vec<Vec<usize>>> {
         let world = self.peer.world();
         (0..self.config.grad_accum)
             .map(|_| {
                 let global = sampler.next_indices(self.config.batch_size * world);
-                let picked: Vec<&datasets::TokenRow> = distributed::shard(&self.peer, &global)?
-                    .into_iter()
-                    .map(|i| &rows[i])
-                    .collect();
-                Ok(TokenBatch::from_rows(&picked, pad_id))
+                distributed::shard(&self.peer, &global)
             })
             .collect()
     }

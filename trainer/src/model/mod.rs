@@ -12,3 +12,4 @@ pub mod layers;
 pub mod llama;
 pub mod mask;
 pub mod router;
+pub mod series;
