@@ -5,6 +5,7 @@
 pub mod builtin;
 pub mod common;
 pub mod evaluate;
+pub mod layer_dominance;
 pub mod llm4tsf;
 pub mod onpolicy_sft;
 pub mod sft;
@@ -102,6 +103,12 @@ pub struct RecipeInfo {
 /// Every recipe this build can run.
 pub const ALL: &[RecipeInfo] = &[
     RecipeInfo {
+        name: "layer-dominance",
+        summary: "few-layer dominance: score each layer by how much it changes the representation, keep the top ones, fine-tune briefly, compare",
+        default_config: "layer-dominance/tiny",
+        run: launch::<layer_dominance::LayerDominanceConfig>,
+    },
+    RecipeInfo {
         name: "llm4tsf",
         summary: "forecasting through a language-model backbone, series aligned to its embeddings before it (pre) or not (post); DLinear and last-value baselines",
         default_config: "llm4tsf/tiny",
@@ -196,6 +203,23 @@ impl RecipeConfig for sft::SftConfig {
         device: B::Device,
     ) -> Result<()> {
         sft::run::<B>(self, resolved, resume, device)
+    }
+}
+
+impl RecipeConfig for layer_dominance::LayerDominanceConfig {
+    const NAME: &'static str = "layer-dominance";
+
+    fn run_section(&mut self) -> &mut RunSection {
+        &mut self.run
+    }
+
+    fn run<B: AutodiffBackend>(
+        self,
+        resolved: &toml::Table,
+        resume: &Resume,
+        device: B::Device,
+    ) -> Result<()> {
+        layer_dominance::run::<B>(self, resolved, resume, device)
     }
 }
 

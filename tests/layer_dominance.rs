@@ -1,0 +1,105 @@
+//! The layer-dominance recipe through the binary: the layers kept are the top-scoring ones,
+//! the table holds the model and its controls, the pruned model is a Hugging Face folder of
+//! that depth, and a SIGKILLed run resumes to the same result.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn layer_dominance(run_dir: &Path, extra: &[&str]) -> Command {
+    let config = repo_root().join("tests/fixtures/configs/layer-dominance-test.toml");
+    recipe_command("layer-dominance", &config, run_dir, extra)
+}
+
+fn summary(run_dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn keeps_the_top_layers_and_exports_the_pruned_model() {
+    let run = scratch_dir("dominance");
+    run_to_end(layer_dominance(&run, &[]));
+    let numbers = summary(&run);
+    let scores: Vec<f64> = numbers["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let kept: Vec<usize> = numbers["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    assert_eq!(kept.len(), 2);
+    let lowest_kept = kept
+        .iter()
+        .map(|&l| scores[l])
+        .fold(f64::INFINITY, f64::min);
+    for layer in (0..4).filter(|l| !kept.contains(l)) {
+        assert!(
+            scores[layer] <= lowest_kept,
+            "layer {layer} scored {} but was dropped: {scores:?}",
+            scores[layer]
+        );
+    }
+    let exported = run.join("finetune/final");
+    let model = trainer::CausalLm::<trainer::Cpu>::load(&exported, &Default::default()).unwrap();
+    assert_eq!(model.config.num_hidden_layers, 2);
+    let table = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    for row in [
+        "full (4 layers)",
+        "fine-tuned",
+        "control: first 2 layers",
+        "control: random",
+    ] {
+        assert!(table.contains(row), "{row}: {table}");
+    }
+    let speed = &numbers["tokens_per_s"];
+    assert!(speed["full"].as_f64().unwrap() > 0.0 && speed["pruned"].as_f64().unwrap() > 0.0);
+
+    // SIGKILL during the fine-tune, then resume: the same result as the straight run.
+    let killed = scratch_dir("dominance-killed");
+    let mut child = layer_dominance(&killed, &["--set", "train.save_every=1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&mut child, &killed.join("finetune"), 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    run_to_end(layer_dominance(
+        &killed,
+        &["--set", "train.save_every=1", "--resume", "auto"],
+    ));
+    assert_eq!(summary(&killed)["perplexity"], numbers["perplexity"]);
+}
+
+#[test]
+fn loss_increase_scores_one_evaluation_per_layer() {
+    let run = scratch_dir("dominance-loss");
+    run_to_end(layer_dominance(
+        &run,
+        &[
+            "--set",
+            "prune.score=loss-increase",
+            "--set",
+            "train.steps=1",
+        ],
+    ));
+    let numbers = summary(&run);
+    assert_eq!(numbers["score"], "loss-increase");
+    // Removing a layer of a trained model costs something: every score is a loss increase.
+    let scores: Vec<f64> = numbers["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 4);
+    assert!(scores.iter().any(|&s| s > 0.0), "{scores:?}");
+}
