@@ -189,73 +189,36 @@ fn launch<C: RecipeConfig>(args: &RecipeArgs) -> Result<()> {
     })
 }
 
-impl RecipeConfig for sft::SftConfig {
-    const NAME: &'static str = "sft";
+/// A recipe whose config has a `run` section and no stages, run by `module::run`.
+macro_rules! single_stage_recipe {
+    ($config:ty, $name:literal, $module:ident) => {
+        impl RecipeConfig for $config {
+            const NAME: &'static str = $name;
 
-    fn run_section(&mut self) -> &mut RunSection {
-        &mut self.run
-    }
+            fn run_section(&mut self) -> &mut RunSection {
+                &mut self.run
+            }
 
-    fn run<B: AutodiffBackend>(
-        self,
-        resolved: &toml::Table,
-        resume: &Resume,
-        device: B::Device,
-    ) -> Result<()> {
-        sft::run::<B>(self, resolved, resume, device)
-    }
+            fn run<B: AutodiffBackend>(
+                self,
+                resolved: &toml::Table,
+                resume: &Resume,
+                device: B::Device,
+            ) -> Result<()> {
+                $module::run::<B>(self, resolved, resume, device)
+            }
+        }
+    };
 }
 
-impl RecipeConfig for layer_dominance::LayerDominanceConfig {
-    const NAME: &'static str = "layer-dominance";
-
-    fn run_section(&mut self) -> &mut RunSection {
-        &mut self.run
-    }
-
-    fn run<B: AutodiffBackend>(
-        self,
-        resolved: &toml::Table,
-        resume: &Resume,
-        device: B::Device,
-    ) -> Result<()> {
-        layer_dominance::run::<B>(self, resolved, resume, device)
-    }
-}
-
-impl RecipeConfig for llm4tsf::Llm4tsfConfig {
-    const NAME: &'static str = "llm4tsf";
-
-    fn run_section(&mut self) -> &mut RunSection {
-        &mut self.run
-    }
-
-    fn run<B: AutodiffBackend>(
-        self,
-        resolved: &toml::Table,
-        resume: &Resume,
-        device: B::Device,
-    ) -> Result<()> {
-        llm4tsf::run::<B>(self, resolved, resume, device)
-    }
-}
-
-impl RecipeConfig for onpolicy_sft::OnPolicyConfig {
-    const NAME: &'static str = "onpolicy-sft";
-
-    fn run_section(&mut self) -> &mut RunSection {
-        &mut self.run
-    }
-
-    fn run<B: AutodiffBackend>(
-        self,
-        resolved: &toml::Table,
-        resume: &Resume,
-        device: B::Device,
-    ) -> Result<()> {
-        onpolicy_sft::run::<B>(self, resolved, resume, device)
-    }
-}
+single_stage_recipe!(sft::SftConfig, "sft", sft);
+single_stage_recipe!(onpolicy_sft::OnPolicyConfig, "onpolicy-sft", onpolicy_sft);
+single_stage_recipe!(llm4tsf::Llm4tsfConfig, "llm4tsf", llm4tsf);
+single_stage_recipe!(
+    layer_dominance::LayerDominanceConfig,
+    "layer-dominance",
+    layer_dominance
+);
 
 impl RecipeConfig for skipgpt::SkipGptConfig {
     const NAME: &'static str = "skipgpt";

@@ -620,7 +620,7 @@ pub struct ForecastErrors {
     pub windows: usize,
 }
 
-fn evaluate<B: Backend, M: Forecast<B>>(
+fn evaluate<B: Backend, M: Forecast<B> + ?Sized>(
     model: &M,
     samples: &Samples,
     scaler: &Scaler,
@@ -686,23 +686,29 @@ fn evaluate<B: Backend, M: Forecast<B>>(
 // ---------------------------------------------------------------------------------------
 // The run.
 
+/// The standardised series' parts, the scaler, and the evaluation batch size.
+struct Parts<'a> {
+    train: Samples<'a>,
+    val: Samples<'a>,
+    test: Samples<'a>,
+    scaler: Scaler,
+    eval_batch: usize,
+}
+
 /// Trains `model` on the training samples (resumable in `run_dir`), logging the validation
-/// MSE at each evaluation; returns the trained model for evaluation.
-#[allow(clippy::too_many_arguments)]
+/// MSE at each evaluation; returns the trained model for evaluation (`None`: stopped).
 fn train_forecaster<B: AutodiffBackend, M: Trainable<B> + Forecast<B>>(
     model: M,
     train_config: TrainConfig,
     seed: u64,
     run_dir: &Path,
     resume: &Resume,
-    train: &Samples,
-    val: &Samples,
-    scaler: &Scaler,
-    eval_batch: usize,
+    parts: &Parts,
 ) -> Result<Option<M::InnerModule>>
 where
     M::InnerModule: Forecast<B::InnerBackend>,
 {
+    let (train, val) = (&parts.train, &parts.val);
     let (mut trainer, saved) = Trainer::start(model, train_config, None, seed, run_dir, resume)?;
     let mut sampler = resume_sampler(&saved, "sampler", train.samples.len(), seed)?;
     while !trainer.is_done() {
@@ -714,7 +720,7 @@ where
         let stats = trainer.train_step_on(&batches, &mse_objective)?;
         let mut scalars = stats.scalars();
         if trainer.should_evaluate() {
-            let errors = evaluate(&trainer.eval_model(), val, scaler, eval_batch);
+            let errors = evaluate(&trainer.eval_model(), val, &parts.scaler, parts.eval_batch);
             scalars.push(("eval_mse", errors.mse));
             scalars.push(("eval_mae", errors.mae));
         }
@@ -739,10 +745,18 @@ pub fn run<B: AutodiffBackend>(
         .with_context(|| format!("{}", s.csv.display()))?;
     let scaler = Scaler::fit(&raw, split.train.clone());
     let series = scaler.transform(&raw);
-    let train = Samples::new(&series, split.train.clone(), s, s.train_stride);
-    let val = Samples::new(&series, split.val.clone(), s, s.eval_stride);
-    let test = Samples::new(&series, split.test.clone(), s, s.eval_stride);
-    for (part, samples) in [("training", &train), ("validation", &val), ("test", &test)] {
+    let parts = Parts {
+        train: Samples::new(&series, split.train.clone(), s, s.train_stride),
+        val: Samples::new(&series, split.val.clone(), s, s.eval_stride),
+        test: Samples::new(&series, split.test.clone(), s, s.eval_stride),
+        scaler,
+        eval_batch: config.eval.batch_size,
+    };
+    for (part, samples) in [
+        ("training", &parts.train),
+        ("validation", &parts.val),
+        ("test", &parts.test),
+    ] {
         if samples.samples.is_empty() {
             bail!(
                 "{}: the {part} part is too short for one window of {} + {} steps",
@@ -759,9 +773,9 @@ pub fn run<B: AutodiffBackend>(
         raw.channels.len(),
         s.input_length,
         s.horizon,
-        train.samples.len(),
-        val.samples.len(),
-        test.samples.len()
+        parts.train.samples.len(),
+        parts.val.samples.len(),
+        parts.test.samples.len()
     );
 
     let loaded = load_backbone::<B>(&config, &device)?;
@@ -782,7 +796,6 @@ pub fn run<B: AutodiffBackend>(
         train_config.freeze.push("backbone.*".into());
     }
     train_config.freeze.push("aligner.dictionary".into());
-    let eval_batch = config.eval.batch_size;
     let seed = config.run.seed;
     let Some(llm) = train_forecaster(
         forecaster,
@@ -790,15 +803,11 @@ pub fn run<B: AutodiffBackend>(
         seed,
         &config.run.dir,
         resume,
-        &train,
-        &val,
-        &scaler,
-        eval_batch,
+        &parts,
     )?
     else {
         return Ok(());
     };
-
     let dlinear = DLinear::<B>::new(
         s.input_length,
         s.horizon,
@@ -813,10 +822,7 @@ pub fn run<B: AutodiffBackend>(
         seed,
         &dlinear_dir,
         resume,
-        &train,
-        &val,
-        &scaler,
-        eval_batch,
+        &parts,
     )?
     else {
         return Ok(());
@@ -825,39 +831,20 @@ pub fn run<B: AutodiffBackend>(
     if !trainer::distributed::current_peer().is_leader() {
         return Ok(());
     }
-    let label = format!(
-        "LLM ({}-alignment)",
-        match config.alignment {
-            Alignment::Pre => "pre",
-            Alignment::Post => "post",
-        }
-    );
-    let rows: Vec<(String, ForecastErrors, ForecastErrors)> = vec![
-        (
-            label,
-            evaluate(&llm, &test, &scaler, eval_batch),
-            evaluate(&llm, &val, &scaler, eval_batch),
-        ),
-        (
-            "DLinear".into(),
-            evaluate(&dlinear, &test, &scaler, eval_batch),
-            evaluate(&dlinear, &val, &scaler, eval_batch),
-        ),
-        (
-            "last value repeated".into(),
-            evaluate::<B::InnerBackend, _>(
-                &(LastValue { horizon: s.horizon }, device.clone()),
-                &test,
-                &scaler,
-                eval_batch,
-            ),
-            evaluate::<B::InnerBackend, _>(
-                &(LastValue { horizon: s.horizon }, device.clone()),
-                &val,
-                &scaler,
-                eval_batch,
-            ),
-        ),
+    let alignment = match config.alignment {
+        Alignment::Pre => "pre",
+        Alignment::Post => "post",
+    };
+    let last_value = (LastValue { horizon: s.horizon }, device.clone());
+    let scored = |name: String, model: &dyn Forecast<B::InnerBackend>| {
+        let test = evaluate(model, &parts.test, &parts.scaler, parts.eval_batch);
+        let val = evaluate(model, &parts.val, &parts.scaler, parts.eval_batch);
+        (name, test, val)
+    };
+    let rows = vec![
+        scored(format!("LLM ({alignment}-alignment)"), &llm),
+        scored("DLinear".into(), &dlinear),
+        scored("last value repeated".into(), &last_value),
     ];
     export(&llm, &config.run.dir.join("final"))?;
     let table = summary_table(&config, &raw, &rows);
