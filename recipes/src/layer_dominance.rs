@@ -9,8 +9,9 @@
 //! 3. Keep the highest-scoring layers up to `prune.keep_fraction` of them, in their order.
 //! 4. Fine-tune the pruned model briefly (next-token SFT on the corpus), as a stage.
 //! 5. `summary.md`: held-out perplexity (95% interval) of the full model, of the pruned one
-//!    before and after fine-tuning, and of two controls with as many layers (the first ones,
-//!    and a random choice) before fine-tuning; layers and parameters kept; forward throughput.
+//!    before and after fine-tuning, of two controls with as many layers (the first ones, and a
+//!    random choice) before fine-tuning, and of the full model fine-tuned as long (the control
+//!    for "it only trained longer"); layers and parameters kept; forward throughput.
 //!    The pruned, fine-tuned model is a Hugging Face folder (`RUN/finetune/final`).
 
 use crate::common::{prepare_run_dir, write_summary, ModelSection, RunSection};
@@ -58,6 +59,13 @@ pub struct PruneSection {
     /// Training rows the layer scores are measured on.
     #[serde(default = "default_calibration_rows")]
     pub calibration_rows: usize,
+    /// Also fine-tune the full model as long: the control for "it only trained longer".
+    #[serde(default = "yes")]
+    pub dense_control: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_eval_batch() -> usize {
@@ -297,7 +305,7 @@ pub fn run<B: AutodiffBackend>(
         rows: &train_rows,
         eval_batches: &eval_batches,
     };
-    let trainable_pruned = model.retain_layers(&kept)?;
+    let trainable_pruned = model.clone().retain_layers(&kept)?;
     let Some(exported) = train_stage(trainable_pruned, &stage, &context)? else {
         return Ok(());
     };
@@ -305,6 +313,23 @@ pub fn run<B: AutodiffBackend>(
         .run
         .load_model::<B::InnerBackend>(&exported, &device)?;
     let (tuned_ppl, tuned_ci) = perplexity(&tuned, &eval_batches);
+    let dense_tuned = match config.prune.dense_control {
+        false => None,
+        true => {
+            let stage = SftStage {
+                name: "finetune-full",
+                dir: run_dir.join("finetune-full"),
+                ..stage
+            };
+            let Some(exported) = train_stage(model, &stage, &context)? else {
+                return Ok(());
+            };
+            let dense = config
+                .run
+                .load_model::<B::InnerBackend>(&exported, &device)?;
+            Some(perplexity(&dense, &eval_batches))
+        }
+    };
     if !trainer::distributed::current_peer().is_leader() {
         return Ok(());
     }
@@ -312,7 +337,7 @@ pub fn run<B: AutodiffBackend>(
     let pruned_speed = throughput(&tuned, &eval_batches);
 
     let (full_params, pruned_params) = (parameters(&full), parameters(&tuned));
-    let rows = [
+    let mut rows = vec![
         (format!("full ({layers} layers)"), full_ppl, full_ci),
         (
             format!("kept by {:?}, {kept:?}", config.prune.score),
@@ -334,9 +359,13 @@ pub fn run<B: AutodiffBackend>(
         ),
         (format!("control: random {random:?}"), random_ppl, random_ci),
     ];
+    if let Some((ppl, ci)) = dense_tuned {
+        let name = format!("control: full, fine-tuned {} steps", config.train.steps);
+        rows.push((name, ppl, ci));
+    }
     let mut table = format!(
         "# Layer dominance: {} of {layers} layers kept ({:.0}% of parameters), score {:?}\n\n\
-         Held-out perplexity on {} rows of {} tokens ({}); controls before fine-tuning.\n\n\
+         Held-out perplexity on {} rows of {} tokens ({}); layer controls before fine-tuning.\n\n\
          | model | perplexity (95% CI) |\n| --- | --- |\n",
         kept.len(),
         100.0 * pruned_params as f64 / full_params as f64,
@@ -372,6 +401,7 @@ pub fn run<B: AutodiffBackend>(
         "perplexity": {
             "full": [full_ppl, full_ci], "pruned": [pruned_ppl, pruned_ci], "fine_tuned": [tuned_ppl, tuned_ci],
             "first_layers": [first_ppl, first_ci], "random_layers": [random_ppl, random_ci],
+            "full_fine_tuned": dense_tuned,
         },
         "tokens_per_s": { "full": full_speed, "pruned": pruned_speed },
         "export": exported,

@@ -1,10 +1,9 @@
 //! Turning a training checkpoint into a Hugging Face folder (LoRA merged), plus the PEFT
 //! adapter when the run used LoRA.
 
-use crate::lora::{self, LoraConfig};
+use crate::lora::{self, FrozenBase, LoraConfig};
 use crate::model::init::ParamInit;
 use crate::model::llama::{CausalLm, LlamaConfig};
-use crate::train::FrozenBase;
 use crate::weights;
 use crate::Cpu;
 use anyhow::{bail, Context, Result};

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -283,4 +283,32 @@ pub fn adapter_of<B: Backend>(
                 .as_ref()
                 .map(|l| (to_host(l.lora_a.val()), to_host(l.lora_b.val())))
         })
+}
+
+/// Where a LoRA checkpoint's frozen weights are: a model folder, or `RUN/base`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FrozenBase {
+    /// The folder the run loaded its model from; `None`: `RUN/base` of the run folder.
+    pub folder: Option<PathBuf>,
+    /// [`crate::weights::fingerprint_where`] of every non-adapter weight.
+    pub sha256: String,
+}
+
+impl FrozenBase {
+    pub const RUN_FOLDER: &'static str = "base";
+
+    /// The base folder, given the run folder.
+    pub fn folder(&self, run_dir: &Path) -> PathBuf {
+        match &self.folder {
+            Some(folder) => folder.clone(),
+            None => run_dir.join(Self::RUN_FOLDER),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.folder {
+            Some(folder) => format!("trained on {}", folder.display()),
+            None => format!("trained on the run's own {}/", Self::RUN_FOLDER),
+        }
+    }
 }

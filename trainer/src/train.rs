@@ -7,7 +7,7 @@
 
 use crate::config::{ensure, ensure_count, ensure_non_negative, ensure_positive, key, Validate};
 use crate::distributed::{self, current_peer, Peer};
-use crate::lora::{self, LoraConfig};
+use crate::lora::{self, FrozenBase, LoraConfig};
 use crate::loss::token_nll_sum;
 use crate::metrics::MetricsLog;
 use crate::model::llama::CausalLm;
@@ -480,34 +480,6 @@ pub struct Trainer<B: AutodiffBackend, M: Trainable<B> = CausalLm<B>> {
     /// Fingerprint of a LoRA run's frozen weights (computed once).
     frozen_sha256: Option<String>,
     divergence: DivergenceWatch,
-}
-
-/// Where a LoRA checkpoint's frozen weights are: a model folder, or `RUN/base`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FrozenBase {
-    /// The folder the run loaded its model from; `None`: `RUN/base` of the run folder.
-    pub folder: Option<PathBuf>,
-    /// [`weights::fingerprint_where`] of every non-adapter weight.
-    pub sha256: String,
-}
-
-impl FrozenBase {
-    pub const RUN_FOLDER: &'static str = "base";
-
-    /// The base folder, given the run folder.
-    pub fn folder(&self, run_dir: &Path) -> PathBuf {
-        match &self.folder {
-            Some(folder) => folder.clone(),
-            None => run_dir.join(Self::RUN_FOLDER),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match &self.folder {
-            Some(folder) => format!("trained on {}", folder.display()),
-            None => format!("trained on the run's own {}/", Self::RUN_FOLDER),
-        }
-    }
 }
 
 /// A lineage id: unique per fresh start.
