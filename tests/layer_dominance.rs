@@ -14,6 +14,16 @@ fn layer_dominance(run_dir: &Path, extra: &[&str]) -> Command {
     recipe_command("layer-dominance", &config, run_dir, extra)
 }
 
+/// A JSON array of numbers.
+fn numbers_of(array: &Value) -> Vec<f64> {
+    array
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 fn summary(run_dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap()
 }
@@ -23,12 +33,7 @@ fn keeps_the_top_layers_and_exports_the_pruned_model() {
     let run = scratch_dir("dominance");
     run_to_end(layer_dominance(&run, &[]));
     let numbers = summary(&run);
-    let scores: Vec<f64> = numbers["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let scores = numbers_of(&numbers["scores"]);
     let kept: Vec<usize> = numbers["kept"]
         .as_array()
         .unwrap()
@@ -94,12 +99,7 @@ fn loss_increase_scores_one_evaluation_per_layer() {
     let numbers = summary(&run);
     assert_eq!(numbers["score"], "loss-increase");
     // Removing a layer of a trained model costs something: every score is a loss increase.
-    let scores: Vec<f64> = numbers["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let scores = numbers_of(&numbers["scores"]);
     assert_eq!(scores.len(), 4);
     assert!(scores.iter().any(|&s| s > 0.0), "{scores:?}");
 }

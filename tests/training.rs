@@ -635,6 +635,20 @@ fn builtin_configs_run_from_any_folder() {
     );
 }
 
+/// A short LoRA run (rank 2 on `q_proj`) on the scratch model of the tiny test config.
+const SCRATCH_LORA: [&str; 10] = [
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.save_every=2",
+    "--set",
+    "lora.rank=2",
+    "--set",
+    "lora.alpha=4",
+    "--set",
+    "lora.targets=[\"q_proj\"]",
+];
+
 /// Step checkpoints open with Hugging Face tools. A full run's step folder holds config.json
 /// and HF-named weights; a LoRA run's holds the adapters only (ours and PEFT's layout) plus
 /// the base's folder and fingerprint, not the frozen base again. The outcomes of
@@ -702,18 +716,7 @@ fn step_checkpoints_load_in_hugging_face_tools() {
 
     // LoRA on a model trained from scratch: the frozen base is written once, to RUN/base.
     let scratch_lora = scratch_dir("hf-step-scratch-lora");
-    let settings = [
-        "--set",
-        "train.steps=4",
-        "--set",
-        "train.save_every=2",
-        "--set",
-        "lora.rank=2",
-        "--set",
-        "lora.alpha=4",
-        "--set",
-        "lora.targets=[\"q_proj\"]",
-    ];
+    let settings = SCRATCH_LORA;
     run_to_end(sft_command(&test_config(), &scratch_lora, &settings));
     let base =
         trainer::CausalLm::<trainer::Cpu>::load(&scratch_lora.join("base"), &Default::default())
@@ -770,22 +773,8 @@ fn step_checkpoints_load_in_hugging_face_tools() {
 #[test]
 fn lora_resume_on_another_base_is_refused() {
     let run = scratch_dir("lora-base-changed");
-    let settings = [
-        "--set",
-        "train.steps=4",
-        "--set",
-        "train.save_every=2",
-        "--set",
-        "lora.rank=2",
-        "--set",
-        "lora.alpha=4",
-        "--set",
-        "lora.targets=[\"q_proj\"]",
-    ];
-    let mut child = sft_command(&test_config(), &run, &settings)
-        .spawn()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let settings = SCRATCH_LORA;
+    run_to_end(sft_command(&test_config(), &run, &settings));
     // Resume with a different scratch seed: the base the recipe builds is not the trained one.
     let mut resumed = settings.to_vec();
     resumed.extend([

@@ -139,14 +139,20 @@ fn json_objects(path: &Path) -> Result<Vec<(Location, Value)>> {
     Ok(objects)
 }
 
-/// The rows of a CSV file as objects of string fields named by the header.
-fn csv_objects(path: &Path) -> Result<Vec<(Location, Value)>> {
+/// A CSV file's reader and its header row, errors naming the file.
+pub(crate) fn open_csv(path: &Path) -> Result<(csv::Reader<std::fs::File>, csv::StringRecord)> {
     let mut reader =
         csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
     let headers = reader
         .headers()
         .with_context(|| format!("{}: no header row", path.display()))?
         .clone();
+    Ok((reader, headers))
+}
+
+/// The rows of a CSV file as objects of string fields named by the header.
+fn csv_objects(path: &Path) -> Result<Vec<(Location, Value)>> {
+    let (mut reader, headers) = open_csv(path)?;
     let mut objects = Vec::new();
     for (index, row) in reader.records().enumerate() {
         // Line numbers count the header as line 1.

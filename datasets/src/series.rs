@@ -35,12 +35,7 @@ impl Series {
 /// Reads a CSV whose first column is the date; `columns` picks channels by name (empty: every
 /// other column). Every value must be a finite number: a gap names its line and column.
 pub fn load_series_csv(path: &Path, columns: &[String]) -> Result<Series> {
-    let mut reader =
-        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let headers = reader
-        .headers()
-        .with_context(|| format!("{}: no header row", path.display()))?
-        .clone();
+    let (mut reader, headers) = crate::records::open_csv(path)?;
     let picked: Vec<usize> = if columns.is_empty() {
         (1..headers.len()).collect()
     } else {
