@@ -103,3 +103,67 @@ fn loss_increase_scores_one_evaluation_per_layer() {
     assert_eq!(scores.len(), 4);
     assert!(scores.iter().any(|&s| s > 0.0), "{scores:?}");
 }
+
+fn layer_dominance_on_records(run_dir: &Path, extra: &[&str]) -> Command {
+    let config = repo_root().join("tests/fixtures/configs/layer-dominance-records-test.toml");
+    recipe_command("layer-dominance", &config, run_dir, extra)
+}
+
+#[test]
+fn records_are_scored_on_a_test_split_with_greedy_accuracy() {
+    let run = scratch_dir("dominance-records");
+    run_to_end(layer_dominance_on_records(&run, &[]));
+    let numbers = summary(&run);
+    // 20 held-out records: 10 dev (the fine-tune's evaluations), 10 test (the table).
+    assert_eq!(numbers["splits"]["dev"], 10);
+    assert_eq!(numbers["splits"]["test"], 10);
+    assert_eq!(numbers["splits"]["train"], 1180);
+    for model in [
+        "full",
+        "pruned",
+        "fine_tuned",
+        "first_layers",
+        "random_layers",
+        "full_fine_tuned",
+    ] {
+        let accuracy = &numbers["accuracy"][model];
+        assert_eq!(accuracy["prompts"], 10, "{model}: {accuracy}");
+        let share = accuracy["accuracy"].as_f64().unwrap();
+        let interval = numbers_of(&accuracy["accuracy_95"]);
+        assert!(
+            interval[0] <= share && share <= interval[1],
+            "{model}: {accuracy}"
+        );
+        assert!(numbers["perplexity"][model][0].as_f64().unwrap() > 1.0);
+    }
+    let table = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(table.contains("greedy accuracy (95% CI)"), "{table}");
+}
+
+#[test]
+fn a_config_with_both_or_neither_data_source_is_refused() {
+    let both = scratch_dir("dominance-both");
+    let output = layer_dominance_on_records(
+        &both,
+        &[
+            "--set",
+            "corpus.train=recipes/data/kjv-corpus.txt",
+            "--set",
+            "corpus.seq_len=32",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("exactly one of [corpus]"), "{stderr}");
+
+    let verifier_on_text = scratch_dir("dominance-verifier-text");
+    let output = layer_dominance(&verifier_on_text, &["--set", "verifier.kind=final-answer"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("[verifier] needs [data]"), "{stderr}");
+    assert!(!verifier_on_text.join("checkpoints").exists());
+}

@@ -28,7 +28,9 @@ macro_rules! shipped {
 
 /// The default configs, `recipes/configs/RECIPE/NAME.toml`, known as `RECIPE/NAME`.
 pub const CONFIGS: &[Shipped] = shipped![
+    "configs/layer-dominance/arithmetic.toml",
     "configs/layer-dominance/smollm2-135m.toml",
+    "configs/layer-dominance/text.toml",
     "configs/layer-dominance/tiny.toml",
     "configs/llm4tsf/smollm2-135m.toml",
     "configs/llm4tsf/tiny.toml",

@@ -266,8 +266,7 @@ pub fn evaluate_records<B: Backend>(
     settings: &EvalSettings,
 ) -> Result<EvalReport> {
     use datasets::examples::tokenize_record;
-    use datasets::records::{load_records, Record};
-    let records = load_records(settings.data, settings.fields)?;
+    let records = datasets::records::load_records(settings.data, settings.fields)?;
     let rows = records
         .iter()
         .map(|record| tokenize_record(tokenizer, settings.template, record, settings.max_length))
@@ -287,73 +286,20 @@ pub fn evaluate_records<B: Backend>(
     let generation = match settings.verifier {
         None => None,
         Some((name, verifier)) => {
-            let mut items = Vec::new();
-            for record in &records {
-                let (prompt, tokens, reference) = match record {
-                    Record::PromptResponse { prompt, response } => (
-                        prompt.clone(),
-                        datasets::examples::prompt_tokens(tokenizer, settings.template, prompt)?,
-                        response,
-                    ),
-                    Record::Chat { messages }
-                        if messages.last().is_some_and(|m| m.role == "assistant") =>
-                    {
-                        let asked = &messages[..messages.len() - 1];
-                        let text = tokenizer.apply_chat_template(asked, true)?;
-                        (
-                            text.clone(),
-                            tokenizer.encode(&text, false)?,
-                            &messages[messages.len() - 1].content,
-                        )
-                    }
-                    _ => continue,
-                };
-                // The reference's final answer when it states one, else all of it.
-                let answer = crate::verify::final_answer(reference)
-                    .unwrap_or_else(|| reference.trim().to_string());
-                items.push(TaskItem {
-                    prompt,
-                    tokens,
-                    answer,
-                });
-            }
+            let items = task_items(&records, tokenizer, settings.template)?;
             anyhow::ensure!(
                 !items.is_empty(),
                 "{}: no record has a reference answer to verify (prompt/response or a chat ending in an assistant turn)",
                 settings.data.display()
             );
-            let mut stop_tokens = model.config.eos_token_ids.clone();
-            stop_tokens.extend(tokenizer.stop_ids());
-            let generation = GenerationConfig {
-                max_new_tokens: settings.max_new_tokens,
-                sampling: trainer::sampling::SamplingParams::greedy(),
-                seed: 0,
-                stop_tokens,
-                pad_id: tokenizer.pad_id(),
-            };
-            let prompts: Vec<&TaskItem> = items.iter().collect();
-            let sampled = sample_and_score(
+            Some(greedy_accuracy(
                 model,
                 tokenizer,
-                verifier,
-                &prompts,
-                &generation,
+                &items,
+                (name, verifier),
+                settings.max_new_tokens,
                 settings.batch_size,
-                None,
-            )?;
-            let lengths: Vec<usize> = sampled.tokens.iter().map(Vec::len).collect();
-            // As the verifier judged them: a cut response may still state its answer (the cut
-            // share is reported beside).
-            let correct: f64 = sampled.verifier_scores.iter().map(|&s| s as f64).sum();
-            Some(GenerationReport {
-                verifier: name.to_string(),
-                prompts: items.len(),
-                accuracy: correct / items.len() as f64,
-                accuracy_95: wilson_interval(correct, items.len()),
-                mean_length: mean(lengths.iter().map(|&l| l as f64)),
-                p90_length: percentile(&lengths, 0.9),
-                truncated_share: mean(sampled.finished.iter().map(|&f| (!f) as u8 as f64)),
-            })
+            )?)
         }
     };
     Ok(EvalReport {
@@ -365,6 +311,89 @@ pub fn evaluate_records<B: Backend>(
         perplexity: loss.exp(),
         perplexity_95: perplexity_interval(&losses, 1000, 0),
         generation,
+    })
+}
+
+/// The records that carry a reference answer, as prompts (in `template`) with the answer to
+/// check: a prompt/response record, or a chat ending in an assistant turn.
+pub fn task_items(
+    records: &[datasets::records::Record],
+    tokenizer: &TextTokenizer,
+    template: datasets::Template,
+) -> Result<Vec<TaskItem>> {
+    use datasets::records::Record;
+    let mut items = Vec::new();
+    for record in records {
+        let (prompt, tokens, reference) = match record {
+            Record::PromptResponse { prompt, response } => (
+                prompt.clone(),
+                datasets::examples::prompt_tokens(tokenizer, template, prompt)?,
+                response,
+            ),
+            Record::Chat { messages } if messages.last().is_some_and(|m| m.role == "assistant") => {
+                let asked = &messages[..messages.len() - 1];
+                let text = tokenizer.apply_chat_template(asked, true)?;
+                (
+                    text.clone(),
+                    tokenizer.encode(&text, false)?,
+                    &messages[messages.len() - 1].content,
+                )
+            }
+            _ => continue,
+        };
+        // The reference's final answer when it states one, else all of it.
+        let answer =
+            crate::verify::final_answer(reference).unwrap_or_else(|| reference.trim().to_string());
+        items.push(TaskItem {
+            prompt,
+            tokens,
+            answer,
+        });
+    }
+    Ok(items)
+}
+
+/// Greedy responses of `model` to `items`, judged by the named verifier: accuracy (95%
+/// interval) and lengths.
+pub fn greedy_accuracy<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    items: &[TaskItem],
+    (name, verifier): (&str, &dyn Verifier),
+    max_new_tokens: usize,
+    batch_size: usize,
+) -> Result<GenerationReport> {
+    let mut stop_tokens = model.config.eos_token_ids.clone();
+    stop_tokens.extend(tokenizer.stop_ids());
+    let generation = GenerationConfig {
+        max_new_tokens,
+        sampling: trainer::sampling::SamplingParams::greedy(),
+        seed: 0,
+        stop_tokens,
+        pad_id: tokenizer.pad_id(),
+    };
+    let prompts: Vec<&TaskItem> = items.iter().collect();
+    let sampled = sample_and_score(
+        model,
+        tokenizer,
+        verifier,
+        &prompts,
+        &generation,
+        batch_size,
+        None,
+    )?;
+    let lengths: Vec<usize> = sampled.tokens.iter().map(Vec::len).collect();
+    // As the verifier judged them: a cut response may still state its answer (the cut share
+    // is reported beside).
+    let correct: f64 = sampled.verifier_scores.iter().map(|&s| s as f64).sum();
+    Ok(GenerationReport {
+        verifier: name.to_string(),
+        prompts: items.len(),
+        accuracy: correct / items.len().max(1) as f64,
+        accuracy_95: wilson_interval(correct, items.len()),
+        mean_length: mean(lengths.iter().map(|&l| l as f64)),
+        p90_length: percentile(&lengths, 0.9),
+        truncated_share: mean(sampled.finished.iter().map(|&f| (!f) as u8 as f64)),
     })
 }
 

@@ -1,28 +1,37 @@
 //! Few-layer dominance ("The Few Govern the Many", arXiv 2511.07237; no public code): a few
 //! layers of a trained model do most of the work, and the others can be removed.
 //!
+//! 0. Data: a plain-text corpus cut into windows (`[corpus]`) or prompt/response or chat
+//!    records (`[data]`, loss on responses; with `[verifier]` also greedy accuracy). The
+//!    held-out part is halved into dev (what the loss-increase score and the fine-tune's
+//!    evaluations see) and test (what the table reports).
 //! 1. (`[pretrain]`, for a model made from scratch) train the model first, as a stage.
 //! 2. Score each layer on calibration rows: `shift` (1 - cosine similarity of the layer's
 //!    input and output, averaged over tokens: the paper's representation shift),
 //!    `relative-change` (|out - in| / |in|, averaged over tokens), or `loss-increase` (held-out
-//!    loss without the layer minus with it: one evaluation per layer).
+//!    dev loss without the layer minus with it: one evaluation per layer).
 //! 3. Keep the highest-scoring layers up to `prune.keep_fraction` of them, in their order.
 //! 4. Fine-tune the pruned model briefly (next-token SFT on the corpus), as a stage.
-//! 5. `summary.md`: held-out perplexity (95% interval) of the full model, of the pruned one
+//! 5. `summary.md`: test perplexity (95% interval; and accuracy with a verifier) of the full model, of the pruned one
 //!    before and after fine-tuning, of two controls with as many layers (the first ones, and a
 //!    random choice) before fine-tuning, and of the full model fine-tuned as long (the control
 //!    for "it only trained longer"); layers and parameters kept; forward throughput.
 //!    The pruned, fine-tuned model is a Hugging Face folder (`RUN/finetune/final`).
 
 use crate::common::{prepare_run_dir, write_summary, ModelSection, RunSection};
-use crate::evaluate::perplexity_interval;
+use crate::evaluate::{
+    greedy_accuracy, perplexity_interval, task_items, GenerationReport, TaskItem,
+};
+use crate::sft::{tokenize_records, DataSection};
 use crate::skipgpt::{corpus_rows, CorpusSection};
 use crate::stages::{train_stage, SftStage, StageContext};
+use crate::verify::VerifierConfig;
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use datasets::{TokenBatch, TokenRow};
+use datasets::records::{load_records, Record};
+use datasets::{TextTokenizer, TokenBatch, TokenRow};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -77,9 +86,16 @@ fn default_eval_batch() -> usize {
 pub struct DominanceEval {
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
-    /// Held-out rows scored (0: all).
+    /// Dev and test rows scored, each (0: all).
     #[serde(default)]
     pub max_rows: usize,
+    /// Longest greedy response when `[verifier]` is set.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_max_new_tokens() -> usize {
+    160
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,7 +103,12 @@ pub struct DominanceEval {
 pub struct LayerDominanceConfig {
     pub run: RunSection,
     pub model: ModelSection,
-    pub corpus: CorpusSection,
+    /// A plain-text corpus cut into windows (one of `corpus` and `data`).
+    pub corpus: Option<CorpusSection>,
+    /// Prompt/response or chat records, scored on their responses (one of `corpus` and `data`).
+    pub data: Option<DataSection>,
+    /// With `[data]`: also greedy accuracy on the test prompts, judged by this verifier.
+    pub verifier: Option<VerifierConfig>,
     /// Train the model first (for a model made from scratch).
     pub pretrain: Option<TrainConfig>,
     pub prune: PruneSection,
@@ -111,7 +132,18 @@ impl Validate for LayerDominanceConfig {
         )?;
         ensure_count("prune.calibration_rows", self.prune.calibration_rows as u64)?;
         ensure_count("eval.batch_size", self.eval.batch_size as u64)?;
-        ensure_count("corpus.seq_len", self.corpus.seq_len as u64)
+        match (&self.corpus, &self.data) {
+            (Some(corpus), None) => {
+                if self.verifier.is_some() {
+                    bail!("[verifier] needs [data] records with reference answers, not [corpus]");
+                }
+                ensure_count("corpus.seq_len", corpus.seq_len as u64)
+            }
+            (None, Some(data)) => data.validate("data"),
+            _ => bail!(
+                "layer-dominance needs exactly one of [corpus] (plain text) and [data] (records)"
+            ),
+        }
     }
 }
 
@@ -217,6 +249,90 @@ fn parameters<B: Backend>(model: &CausalLm<B>) -> usize {
         .sum()
 }
 
+/// The held-out part halved, alternating (dev, test, dev, ...), so both cover it evenly.
+pub fn dev_test_split<T>(held_out: Vec<T>) -> (Vec<T>, Vec<T>) {
+    let (mut dev, mut test) = (Vec::new(), Vec::new());
+    for (index, item) in held_out.into_iter().enumerate() {
+        match index % 2 {
+            0 => dev.push(item),
+            _ => test.push(item),
+        }
+    }
+    (dev, test)
+}
+
+/// The rows the recipe trains on, chooses on (dev) and reports on (test); with records, the
+/// test prompts and their answers too.
+struct Splits {
+    train: Vec<TokenRow>,
+    dev: Vec<TokenRow>,
+    test: Vec<TokenRow>,
+    test_items: Vec<TaskItem>,
+}
+
+fn load_splits(config: &LayerDominanceConfig, tokenizer: &TextTokenizer) -> Result<Splits> {
+    fn cap<T>(rows: &mut Vec<T>, max_rows: usize) {
+        if max_rows > 0 {
+            rows.truncate(max_rows);
+        }
+    }
+    let splits = match (&config.corpus, &config.data) {
+        (Some(corpus), None) => {
+            let (train, held_out) = corpus_rows(corpus, tokenizer)?;
+            let (mut dev, mut test) = dev_test_split(held_out);
+            cap(&mut dev, config.eval.max_rows);
+            cap(&mut test, config.eval.max_rows);
+            Splits {
+                train,
+                dev,
+                test,
+                test_items: Vec::new(),
+            }
+        }
+        (None, Some(data)) => {
+            let mut records = load_records(&data.train, &data.fields)?;
+            let held_out = match &data.eval {
+                Some(path) => load_records(path, &data.fields)?,
+                None => records.split_off(records.len().saturating_sub(data.eval_count)),
+            };
+            let (mut dev, mut test) = dev_test_split(held_out);
+            cap(&mut dev, config.eval.max_rows);
+            cap(&mut test, config.eval.max_rows);
+            let rows = |part: &str, records: &[Record]| -> Result<Vec<TokenRow>> {
+                let source = format!("{} ({part})", data.train.display());
+                Ok(tokenize_records(&source, records, tokenizer, data)?.0)
+            };
+            Splits {
+                train: rows("train", &records)?,
+                dev: rows("dev", &dev)?,
+                test: rows("test", &test)?,
+                test_items: task_items(&test, tokenizer, data.template)?,
+            }
+        }
+        _ => bail!("layer-dominance needs exactly one of [corpus] and [data]"),
+    };
+    if splits.train.is_empty() || splits.dev.is_empty() || splits.test.is_empty() {
+        bail!(
+            "layer-dominance: {} training, {} dev and {} test rows; each needs at least one \
+             (raise corpus.eval_fraction or data.eval_count)",
+            splits.train.len(),
+            splits.dev.len(),
+            splits.test.len()
+        );
+    }
+    if config.verifier.is_some() && splits.test_items.is_empty() {
+        bail!("[verifier]: no test record has a reference answer (prompt/response or chat)");
+    }
+    Ok(splits)
+}
+
+/// What the table reports of one model: test perplexity, and greedy accuracy with a verifier.
+struct Quality {
+    perplexity: f64,
+    interval: (f64, f64),
+    accuracy: Option<GenerationReport>,
+}
+
 pub fn run<B: AutodiffBackend>(
     config: LayerDominanceConfig,
     resolved: &toml::Table,
@@ -224,14 +340,33 @@ pub fn run<B: AutodiffBackend>(
     device: B::Device,
 ) -> Result<()> {
     let loaded = config.model.load::<B>(&config.run, &device)?;
-    let (train_rows, mut eval_rows) = corpus_rows(&config.corpus, &loaded.tokenizer)?;
-    if config.eval.max_rows > 0 {
-        eval_rows.truncate(config.eval.max_rows);
-    }
+    let splits = load_splits(&config, &loaded.tokenizer)?;
+    let train_rows = &splits.train;
     let pad_id = loaded.tokenizer.pad_id();
     let batches =
         |rows: &[TokenRow]| crate::common::batches_in_order(rows, config.eval.batch_size, pad_id);
-    let eval_batches = batches(&eval_rows);
+    let dev_batches = batches(&splits.dev);
+    let test_batches = batches(&splits.test);
+    let verifier = config.verifier.as_ref().map(VerifierConfig::build);
+    let quality = |model: &CausalLm<B::InnerBackend>| -> Result<Quality> {
+        let (perplexity, interval) = perplexity(model, &test_batches);
+        let accuracy = match &verifier {
+            None => None,
+            Some(verifier) => Some(greedy_accuracy(
+                model,
+                &loaded.tokenizer,
+                &splits.test_items,
+                ("final answer", verifier.as_ref()),
+                config.eval.max_new_tokens,
+                config.eval.batch_size,
+            )?),
+        };
+        Ok(Quality {
+            perplexity,
+            interval,
+            accuracy,
+        })
+    };
     let run_dir = &config.run.dir;
     prepare_run_dir(run_dir, resolved, &loaded.tokenizer_dir)?;
     let context = StageContext {
@@ -241,17 +376,17 @@ pub fn run<B: AutodiffBackend>(
         pad_id,
     };
     let model = match &config.pretrain {
-        None => loaded.model,
+        None => loaded.model.clone(),
         Some(pretrain) => {
             let stage = SftStage {
                 name: "pretrain",
                 dir: run_dir.join("pretrain"),
                 train: pretrain,
                 lora: None,
-                rows: &train_rows,
-                eval_batches: &eval_batches,
+                rows: train_rows,
+                eval_batches: &dev_batches,
             };
-            let Some(exported) = train_stage(loaded.model, &stage, &context)? else {
+            let Some(exported) = train_stage(loaded.model.clone(), &stage, &context)? else {
                 return Ok(());
             };
             config.run.load_model::<B>(&exported, &device)?
@@ -259,20 +394,23 @@ pub fn run<B: AutodiffBackend>(
     };
     let full = model.valid();
 
-    // Score the layers on calibration rows from the training part.
+    // Score the layers on calibration rows from the training part (loss-increase: on dev).
     let calibration = batches(&train_rows[..config.prune.calibration_rows.min(train_rows.len())]);
     let (shift, change) = hidden_state_scores(&full, &calibration);
-    let (full_ppl, full_ci) = perplexity(&full, &eval_batches);
     let scores = match config.prune.score {
         LayerScore::Shift => shift.clone(),
         LayerScore::RelativeChange => change.clone(),
-        LayerScore::LossIncrease => (0..full.num_layers())
-            .map(|layer| {
-                let others: Vec<usize> = (0..full.num_layers()).filter(|&l| l != layer).collect();
-                let without = full.clone().retain_layers(&others)?;
-                Ok(perplexity(&without, &eval_batches).0.ln() - full_ppl.ln())
-            })
-            .collect::<Result<Vec<f64>>>()?,
+        LayerScore::LossIncrease => {
+            let full_dev = perplexity(&full, &dev_batches).0.ln();
+            (0..full.num_layers())
+                .map(|layer| {
+                    let others: Vec<usize> =
+                        (0..full.num_layers()).filter(|&l| l != layer).collect();
+                    let without = full.clone().retain_layers(&others)?;
+                    Ok(perplexity(&without, &dev_batches).0.ln() - full_dev)
+                })
+                .collect::<Result<Vec<f64>>>()?
+        }
     };
     let layers = full.num_layers();
     let count = ((layers as f64 * config.prune.keep_fraction).round() as usize).clamp(1, layers);
@@ -284,26 +422,21 @@ pub fn run<B: AutodiffBackend>(
             config.prune.keep_fraction
         );
     }
-
-    let pruned = full.clone().retain_layers(&kept)?;
-    let (pruned_ppl, pruned_ci) = perplexity(&pruned, &eval_batches);
     let first: Vec<usize> = (0..count).collect();
-    let (first_ppl, first_ci) = perplexity(&full.clone().retain_layers(&first)?, &eval_batches);
     let mut random: Vec<usize> = (0..layers).collect();
     random.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
         config.run.seed ^ 0x1A7E,
     ));
     random.truncate(count);
     random.sort_unstable();
-    let (random_ppl, random_ci) = perplexity(&full.clone().retain_layers(&random)?, &eval_batches);
 
     let stage = SftStage {
         name: "finetune",
         dir: run_dir.join("finetune"),
         train: &config.train,
         lora: None,
-        rows: &train_rows,
-        eval_batches: &eval_batches,
+        rows: train_rows,
+        eval_batches: &dev_batches,
     };
     let trainable_pruned = model.clone().retain_layers(&kept)?;
     let Some(exported) = train_stage(trainable_pruned, &stage, &context)? else {
@@ -312,7 +445,6 @@ pub fn run<B: AutodiffBackend>(
     let tuned = config
         .run
         .load_model::<B::InnerBackend>(&exported, &device)?;
-    let (tuned_ppl, tuned_ci) = perplexity(&tuned, &eval_batches);
     let dense_tuned = match config.prune.dense_control {
         false => None,
         true => {
@@ -324,58 +456,91 @@ pub fn run<B: AutodiffBackend>(
             let Some(exported) = train_stage(model, &stage, &context)? else {
                 return Ok(());
             };
-            let dense = config
-                .run
-                .load_model::<B::InnerBackend>(&exported, &device)?;
-            Some(perplexity(&dense, &eval_batches))
+            Some(
+                config
+                    .run
+                    .load_model::<B::InnerBackend>(&exported, &device)?,
+            )
         }
     };
     if !trainer::distributed::current_peer().is_leader() {
         return Ok(());
     }
-    let full_speed = throughput(&full, &eval_batches);
-    let pruned_speed = throughput(&tuned, &eval_batches);
+    let full_speed = throughput(&full, &test_batches);
+    let pruned_speed = throughput(&tuned, &test_batches);
 
-    let (full_params, pruned_params) = (parameters(&full), parameters(&tuned));
+    let score = config.prune.score;
+    let steps = config.train.steps;
     let mut rows = vec![
-        (format!("full ({layers} layers)"), full_ppl, full_ci),
+        (format!("full ({layers} layers)"), quality(&full)?),
         (
-            format!("kept by {:?}, {kept:?}", config.prune.score),
-            pruned_ppl,
-            pruned_ci,
+            format!("kept by {score:?}, {kept:?}"),
+            quality(&full.clone().retain_layers(&kept)?)?,
         ),
         (
-            format!(
-                "kept by {:?}, fine-tuned {} steps",
-                config.prune.score, config.train.steps
-            ),
-            tuned_ppl,
-            tuned_ci,
+            format!("kept by {score:?}, fine-tuned {steps} steps"),
+            quality(&tuned)?,
         ),
         (
             format!("control: first {count} layers"),
-            first_ppl,
-            first_ci,
+            quality(&full.clone().retain_layers(&first)?)?,
         ),
-        (format!("control: random {random:?}"), random_ppl, random_ci),
+        (
+            format!("control: random {random:?}"),
+            quality(&full.clone().retain_layers(&random)?)?,
+        ),
     ];
-    if let Some((ppl, ci)) = dense_tuned {
-        let name = format!("control: full, fine-tuned {} steps", config.train.steps);
-        rows.push((name, ppl, ci));
+    if let Some(dense) = &dense_tuned {
+        let name = format!("control: full, fine-tuned {steps} steps");
+        rows.push((name, quality(dense)?));
     }
+    let (full_params, pruned_params) = (parameters(&full), parameters(&tuned));
+    let source = match (&config.corpus, &config.data) {
+        (Some(corpus), _) => format!(
+            "{} rows of {} tokens ({})",
+            splits.test.len(),
+            corpus.seq_len,
+            corpus.train.display()
+        ),
+        (_, Some(data)) => format!("{} records ({})", splits.test.len(), data.train.display()),
+        _ => unreachable!("validated: one of corpus and data"),
+    };
+    let with_accuracy = verifier.is_some();
     let mut table = format!(
-        "# Layer dominance: {} of {layers} layers kept ({:.0}% of parameters), score {:?}\n\n\
-         Held-out perplexity on {} rows of {} tokens ({}); layer controls before fine-tuning.\n\n\
-         | model | perplexity (95% CI) |\n| --- | --- |\n",
+        "# Layer dominance: {} of {layers} layers kept ({:.0}% of parameters), score {score:?}\n\n\
+         Test split: {source}; the dev split ({} rows) saw the fine-tune's evaluations{}. \
+         Layer controls before fine-tuning.\n\n| model | perplexity (95% CI) |{}\n| --- | --- |{}\n",
         kept.len(),
         100.0 * pruned_params as f64 / full_params as f64,
-        config.prune.score,
-        eval_rows.len(),
-        config.corpus.seq_len,
-        config.corpus.train.display(),
+        splits.dev.len(),
+        match score {
+            LayerScore::LossIncrease => " and chose the layers",
+            _ => "",
+        },
+        if with_accuracy {
+            " greedy accuracy (95% CI) | mean length |"
+        } else {
+            ""
+        },
+        if with_accuracy { " --- | --- |" } else { "" },
     );
-    for (name, ppl, (low, high)) in &rows {
-        table += &format!("| {name} | {ppl:.2} [{low:.2}, {high:.2}] |\n");
+    for (name, quality) in &rows {
+        let (low, high) = quality.interval;
+        table += &format!(
+            "| {name} | {:.2} [{low:.2}, {high:.2}] |",
+            quality.perplexity
+        );
+        if let Some(g) = &quality.accuracy {
+            let (low, high) = g.accuracy_95;
+            table += &format!(
+                " {:.1}% [{:.1}, {:.1}] | {:.1} |",
+                100.0 * g.accuracy,
+                100.0 * low,
+                100.0 * high,
+                g.mean_length
+            );
+        }
+        table += "\n";
     }
     table += &format!(
         "\nForward throughput: full {full_speed:.0} tokens/s, pruned {pruned_speed:.0} tokens/s ({:.2}x).\n\n\
@@ -392,19 +557,61 @@ pub fn run<B: AutodiffBackend>(
         );
     }
     println!("{table}");
+    let key = [
+        "full",
+        "pruned",
+        "fine_tuned",
+        "first_layers",
+        "random_layers",
+        "full_fine_tuned",
+    ];
+    let perplexity: serde_json::Map<String, serde_json::Value> = key
+        .iter()
+        .zip(&rows)
+        .map(|(key, (_, q))| (key.to_string(), json!([q.perplexity, q.interval])))
+        .collect();
+    let accuracy: serde_json::Map<String, serde_json::Value> = key
+        .iter()
+        .zip(&rows)
+        .filter_map(|(key, (_, q))| {
+            Some((
+                key.to_string(),
+                serde_json::to_value(q.accuracy.as_ref()?).ok()?,
+            ))
+        })
+        .collect();
     let numbers = json!({
         "layers": layers,
         "kept": kept,
-        "score": config.prune.score,
+        "score": score,
         "scores": scores,
         "parameters": { "full": full_params, "pruned": pruned_params },
-        "perplexity": {
-            "full": [full_ppl, full_ci], "pruned": [pruned_ppl, pruned_ci], "fine_tuned": [tuned_ppl, tuned_ci],
-            "first_layers": [first_ppl, first_ci], "random_layers": [random_ppl, random_ci],
-            "full_fine_tuned": dense_tuned,
-        },
+        "perplexity": perplexity,
+        "accuracy": accuracy,
+        "splits": { "train": train_rows.len(), "dev": splits.dev.len(), "test": splits.test.len() },
         "tokens_per_s": { "full": full_speed, "pruned": pruned_speed },
         "export": exported,
     });
     write_summary(run_dir, &table, &numbers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_and_test_halves_are_disjoint_and_cover_the_held_out_part() {
+        let (dev, test) = dev_test_split((0..11).collect::<Vec<u32>>());
+        assert_eq!(dev, [0, 2, 4, 6, 8, 10]);
+        assert_eq!(test, [1, 3, 5, 7, 9]);
+        let (dev, test) = dev_test_split(vec![7u32]);
+        assert_eq!((dev, test), (vec![7], vec![]));
+    }
+
+    #[test]
+    fn top_layers_keeps_the_highest_scores_in_order() {
+        assert_eq!(top_layers(&[0.1, 0.9, 0.5, 0.7], 2), [1, 3]);
+        assert_eq!(top_layers(&[0.3, 0.3, 0.3], 2), [0, 1]);
+        assert_eq!(top_layers(&[0.3, 0.1], 0), [0]);
+    }
 }

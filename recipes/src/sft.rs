@@ -137,12 +137,23 @@ fn tokenize_file(
     tokenizer: &datasets::TextTokenizer,
     data: &DataSection,
 ) -> Result<(Vec<TokenRow>, DataReport)> {
-    let rows = datasets::records::load_records(path, &data.fields)?
+    let records = datasets::records::load_records(path, &data.fields)?;
+    tokenize_records(&path.display().to_string(), &records, tokenizer, data)
+}
+
+/// Tokenized `records` (cut to `data.max_length`; rows with nothing to train on are left out
+/// and counted under `source`).
+pub fn tokenize_records(
+    source: &str,
+    records: &[datasets::records::Record],
+    tokenizer: &datasets::TextTokenizer,
+    data: &DataSection,
+) -> Result<(Vec<TokenRow>, DataReport)> {
+    let rows = records
         .iter()
         .map(|record| tokenize_record(tokenizer, data.template, record, usize::MAX))
         .collect::<Result<Vec<_>>>()?;
-    let source = path.display().to_string();
-    Ok(DataReport::cut_and_count(&source, rows, data.max_length))
+    Ok(DataReport::cut_and_count(source, rows, data.max_length))
 }
 
 pub fn run<B: AutodiffBackend>(
