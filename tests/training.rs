@@ -521,6 +521,66 @@ fn onpolicy_sft_resumes_exactly() {
     );
 }
 
+/// `sampling.updates_per_rollout = 3`: one rollout every three steps, an update each step,
+/// and a run killed between a rollout's updates resumes to the same weights (the mini-batches
+/// still to train on are part of the checkpoint).
+#[test]
+fn onpolicy_sft_takes_several_updates_per_rollout_and_resumes_between_them() {
+    let three = ["--set", "sampling.updates_per_rollout=3"];
+    let straight = scratch_dir("onpolicy-updates-straight");
+    run_to_end(onpolicy_command(&straight, &three));
+    let metrics = deterministic_metrics(&straight);
+    // Each rollout that kept n responses (of 4 prompts x 8 samples) is followed by min(3, n)
+    // updates, the first in its own step; none kept skips the step; no rollout comes early.
+    let value =
+        |line: &Vec<(String, f64)>, key: &str| line.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+    let mut next_rollout = 1.0;
+    let mut multi_update_rollouts = 0;
+    for line in &metrics[1..] {
+        let step = value(line, "step").unwrap();
+        match value(line, "kept_share") {
+            Some(share) => {
+                assert_eq!(step, next_rollout, "rollout at step {step}: {metrics:?}");
+                let kept = (share * 32.0).round() as usize;
+                let updates = kept.min(3);
+                multi_update_rollouts += (updates > 1) as usize;
+                next_rollout = step + updates.max(1) as f64;
+                assert_eq!(value(line, "loss").is_some(), kept > 0, "{metrics:?}");
+            }
+            None => {
+                assert!(
+                    step < next_rollout,
+                    "a rollout was due at step {step}: {metrics:?}"
+                );
+                assert!(value(line, "loss").is_some(), "{metrics:?}");
+            }
+        }
+    }
+    assert!(
+        multi_update_rollouts > 0,
+        "no rollout had several updates: {metrics:?}"
+    );
+
+    let killed = scratch_dir("onpolicy-updates-killed");
+    // Checkpoints every 2 steps: some fall between a rollout's updates.
+    kill_after_checkpoint(onpolicy_command(&killed, &three), &killed, 2, 6);
+    let mut resumed = three.to_vec();
+    resumed.extend(["--resume", "auto"]);
+    run_to_end(onpolicy_command(&killed, &resumed));
+    assert_eq!(metrics, deterministic_metrics(&killed));
+    assert_eq!(
+        model_tensors(&checkpoint(&straight, 6)),
+        model_tensors(&checkpoint(&killed, 6))
+    );
+    // Three updates per rollout differ from one.
+    let one = scratch_dir("onpolicy-updates-one");
+    run_to_end(onpolicy_command(&one, &[]));
+    assert_ne!(
+        model_tensors(&checkpoint(&straight, 6)),
+        model_tensors(&checkpoint(&one, 6))
+    );
+}
+
 /// A Parquet file as the Hub ships them (pyarrow, Snappy), its columns named by
 /// `data.fields`, trains through the binary; without the mapping the error names the row and
 /// the fields found, and how to map them.

@@ -23,8 +23,12 @@ use burn::tensor::backend::AutodiffBackend;
 use datasets::examples::{prompt_and_response, prompt_tokens};
 use datasets::synthetic::{arithmetic_pairs, arithmetic_problem, plain_prompt, Style};
 use datasets::{EpochSampler, Template, TextTokenizer, TokenBatch, TokenRow};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use trainer::config::{ensure_count, ensure_non_negative, ensure_probability, Validate};
 use trainer::generate::GenerationConfig;
@@ -68,6 +72,10 @@ impl Validate for OnPolicyConfig {
         ensure_count(
             "sampling.max_response_tokens",
             sampling.max_response_tokens as u64,
+        )?;
+        ensure_count(
+            "sampling.updates_per_rollout",
+            sampling.updates_per_rollout as u64,
         )?;
         ensure_non_negative("sampling.temperature", sampling.temperature as f64)?;
         ensure_probability("sampling.top_p", sampling.top_p as f64)?;
@@ -133,6 +141,15 @@ pub struct SamplingSection {
     /// Keep only the shortest k correct responses per prompt (0 keeps all, as the paper).
     #[serde(default)]
     pub keep_shortest: usize,
+    /// Optimizer updates per rollout: the kept responses are shuffled and split into this many
+    /// mini-batches, one update each (as the official code's inner epochs). `train.steps`
+    /// counts updates. Fewer when a peer kept fewer responses than this.
+    #[serde(default = "one_update")]
+    pub updates_per_rollout: usize,
+}
+
+fn one_update() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -411,6 +428,13 @@ pub fn run<B: AutodiffBackend>(
         resume,
     )?;
     trainer.base_model = base_folder;
+    // Mini-batches of the last rollout not trained on yet: (prompt, response) token pairs.
+    let mut pending: VecDeque<Vec<(Vec<u32>, Vec<u32>)>> = match &saved {
+        Some(state) if state.get("pending").is_some() => {
+            serde_json::from_value(state["pending"].clone())?
+        }
+        _ => VecDeque::new(),
+    };
     let (mut prompts, base) = match saved {
         Some(state) => (
             EpochSampler::resume(
@@ -444,93 +468,41 @@ pub fn run<B: AutodiffBackend>(
     let peer = trainer.peer.clone();
 
     while !trainer.is_done() {
-        // 1-2. A batch of prompts, n samples each, from the current model (with peers: the
-        // same global batch everywhere, each peer sampling its own share of the prompts).
-        let picked = prompts.next_indices(sampling.prompts_per_step);
-        let picked = trainer::distributed::shard(&peer, &picked)
-            .context("sampling.prompts_per_step must be a multiple of the peer count")?;
-        let batch: Vec<&TaskItem> = picked
-            .iter()
-            .flat_map(|&i| std::iter::repeat_n(&train_items[i], sampling.samples_per_prompt))
-            .collect();
-        let generation = GenerationConfig {
-            max_new_tokens: sampling.max_response_tokens,
-            sampling: SamplingParams {
-                temperature: sampling.temperature,
-                top_p: sampling.top_p,
-            },
-            seed: seed
-                .wrapping_add(trainer.step.wrapping_mul(1_000_003))
-                .wrapping_add((peer.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
-            stop_tokens: stop_tokens.clone(),
-            pad_id,
-        };
-        // 3. Score: correct and finished inside the cap.
-        let samples = sample_and_score(
-            &trainer.eval_model(),
-            &tokenizer,
-            verifier.as_ref(),
-            &batch,
-            &generation,
-            batch.len(),
-            None,
-        )?;
-
-        // 4. Keep the correct ones; prompts with none drop out.
-        let lengths: Vec<usize> = samples.tokens.iter().map(Vec::len).collect();
-        let kept = kept_indices(
-            &samples.scores,
-            &lengths,
-            sampling.samples_per_prompt,
-            sampling.keep_shortest,
-        );
-        let prompts_kept: std::collections::BTreeSet<usize> = kept
-            .iter()
-            .map(|i| i / sampling.samples_per_prompt)
-            .collect();
-        let rows: Vec<TokenRow> = kept
-            .iter()
-            .map(|&i| response_row(&batch[i].tokens, &samples.tokens[i]))
-            .collect();
-
-        // 5. One update: token-mean NLL over every kept response (of all peers).
-        let generated_tokens: usize = samples.tokens.iter().map(Vec::len).sum();
-        let totals = trainer.sum_over_peers(&[
-            samples.scores.iter().map(|&s| s as f64).sum(),
-            batch.len() as f64,
-            rows.len() as f64,
-            prompts_kept.len() as f64,
-            picked.len() as f64,
-            generated_tokens as f64,
-            samples.finished.iter().filter(|&&f| !f).count() as f64,
-            samples.seconds,
-        ])?;
-        let &[correct, sampled, kept, prompts_kept, prompts_sampled, generated, truncated, seconds] =
-            totals.as_slice()
-        else {
-            unreachable!("eight sums in, eight out")
-        };
-        let mut scalars = vec![
-            ("sample_accuracy", correct / sampled),
-            ("kept_share", kept / sampled),
-            ("prompts_kept_share", prompts_kept / prompts_sampled),
-            ("sample_mean_length", generated / sampled),
-            ("sample_truncated_share", truncated / sampled),
-            // Peers sample side by side: tokens of all of them over one peer's time.
-            (
-                "sampling_tokens_per_s",
-                generated / (seconds / peer.world() as f64),
-            ),
-        ];
-        if kept == 0.0 {
-            trainer.skip_step();
-        } else {
-            let micro_batches: Vec<TokenBatch> = rows
-                .chunks(config.train.batch_size.max(1))
-                .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
-                .collect();
-            let stats = trainer.train_step(&micro_batches)?;
-            scalars.extend(stats.scalars());
+        let mut scalars = Vec::new();
+        if pending.is_empty() {
+            let (responses, rollout_scalars, anyone_kept) = rollout(
+                &trainer,
+                &mut prompts,
+                &train_items,
+                &tokenizer,
+                verifier.as_ref(),
+                &stop_tokens,
+                &config,
+            )?;
+            scalars = rollout_scalars;
+            pending = mini_batches_for_updates(
+                &trainer,
+                responses,
+                anyone_kept,
+                sampling.updates_per_rollout,
+                seed ^ trainer.step,
+            )?;
+        }
+        // 5. One update: token-mean NLL over the responses of this mini-batch (of all peers).
+        match pending.pop_front() {
+            None => trainer.skip_step(), // no peer kept a response
+            Some(responses) => {
+                let rows: Vec<TokenRow> = responses
+                    .iter()
+                    .map(|(prompt, response)| response_row(prompt, response))
+                    .collect();
+                let micro_batches: Vec<TokenBatch> = rows
+                    .chunks(config.train.batch_size.max(1))
+                    .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
+                    .collect();
+                let stats = trainer.train_step(&micro_batches)?;
+                scalars.extend(stats.scalars());
+            }
         }
         let eval_numbers;
         if trainer.should_evaluate() && peer.is_leader() {
@@ -539,8 +511,8 @@ pub fn run<B: AutodiffBackend>(
             scalars.extend(eval_numbers.iter().map(|(k, v)| (k.as_str(), *v)));
         }
         trainer.log(&scalars)?;
-        if trainer.end_of_step(|| json!({ "prompts": prompts.state, "base": base }))? == Next::Stop
-        {
+        let state = || json!({ "prompts": prompts.state, "base": base, "pending": pending });
+        if trainer.end_of_step(state)? == Next::Stop {
             return Ok(());
         }
     }
@@ -550,6 +522,138 @@ pub fn run<B: AutodiffBackend>(
         write_summary(&base, &evaluate_now(&trainer)?, eval_items.len(), &config)?;
     }
     trainer.export_latest(&config.run.dir.join("final"))
+}
+
+/// Steps 1-4 of the algorithm for one rollout: a batch of prompts, n samples each from the
+/// current model (with peers: the same global batch everywhere, each peer sampling its own
+/// share of the prompts), scored, the correct ones kept. Returns this peer's kept (prompt,
+/// response) pairs, the rollout's metrics over all peers, and whether any peer kept one.
+fn rollout<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    prompts: &mut EpochSampler,
+    train_items: &[TaskItem],
+    tokenizer: &TextTokenizer,
+    verifier: &dyn Verifier,
+    stop_tokens: &[u32],
+    config: &OnPolicyConfig,
+) -> Result<(Vec<(Vec<u32>, Vec<u32>)>, Vec<(&'static str, f64)>, bool)> {
+    let sampling = &config.sampling;
+    let peer = trainer.peer.clone();
+    let picked = prompts.next_indices(sampling.prompts_per_step);
+    let picked = trainer::distributed::shard(&peer, &picked)
+        .context("sampling.prompts_per_step must be a multiple of the peer count")?;
+    let batch: Vec<&TaskItem> = picked
+        .iter()
+        .flat_map(|&i| std::iter::repeat_n(&train_items[i], sampling.samples_per_prompt))
+        .collect();
+    let generation = GenerationConfig {
+        max_new_tokens: sampling.max_response_tokens,
+        sampling: SamplingParams {
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+        },
+        seed: config
+            .run
+            .seed
+            .wrapping_add(trainer.step.wrapping_mul(1_000_003))
+            .wrapping_add((peer.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        stop_tokens: stop_tokens.to_vec(),
+        pad_id: tokenizer.pad_id(),
+    };
+    // 3. Score: correct and finished inside the cap.
+    let samples = sample_and_score(
+        &trainer.eval_model(),
+        tokenizer,
+        verifier,
+        &batch,
+        &generation,
+        batch.len(),
+        None,
+    )?;
+
+    // 4. Keep the correct ones; prompts with none drop out.
+    let lengths: Vec<usize> = samples.tokens.iter().map(Vec::len).collect();
+    let kept = kept_indices(
+        &samples.scores,
+        &lengths,
+        sampling.samples_per_prompt,
+        sampling.keep_shortest,
+    );
+    let prompts_kept: std::collections::BTreeSet<usize> = kept
+        .iter()
+        .map(|i| i / sampling.samples_per_prompt)
+        .collect();
+    let responses: Vec<(Vec<u32>, Vec<u32>)> = kept
+        .iter()
+        .map(|&i| (batch[i].tokens.clone(), samples.tokens[i].clone()))
+        .collect();
+
+    let generated_tokens: usize = samples.tokens.iter().map(Vec::len).sum();
+    let totals = trainer.sum_over_peers(&[
+        samples.scores.iter().map(|&s| s as f64).sum(),
+        batch.len() as f64,
+        responses.len() as f64,
+        prompts_kept.len() as f64,
+        picked.len() as f64,
+        generated_tokens as f64,
+        samples.finished.iter().filter(|&&f| !f).count() as f64,
+        samples.seconds,
+    ])?;
+    let &[correct, sampled, kept, prompts_kept, prompts_sampled, generated, truncated, seconds] =
+        totals.as_slice()
+    else {
+        unreachable!("eight sums in, eight out")
+    };
+    let scalars = vec![
+        ("sample_accuracy", correct / sampled),
+        ("kept_share", kept / sampled),
+        ("prompts_kept_share", prompts_kept / prompts_sampled),
+        ("sample_mean_length", generated / sampled),
+        ("sample_truncated_share", truncated / sampled),
+        // Peers sample side by side: tokens of all of them over one peer's time.
+        (
+            "sampling_tokens_per_s",
+            generated / (seconds / peer.world() as f64),
+        ),
+    ];
+    Ok((responses, scalars, kept > 0.0))
+}
+
+/// A rollout's kept responses, shuffled and split into `updates` mini-batches of near-equal
+/// size: fewer when a peer kept fewer responses than that (all peers take the same number
+/// of updates), none when no peer kept any.
+fn mini_batches_for_updates<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    mut responses: Vec<(Vec<u32>, Vec<u32>)>,
+    anyone_kept: bool,
+    updates: usize,
+    seed: u64,
+) -> Result<VecDeque<Vec<(Vec<u32>, Vec<u32>)>>> {
+    if !anyone_kept {
+        return Ok(VecDeque::new());
+    }
+    if updates <= 1 {
+        return Ok(VecDeque::from([responses]));
+    }
+    // Peers with fewer than n responses, for n = 1..=updates: the most updates every peer
+    // can fill is the largest n no peer falls short of (at least one).
+    let short: Vec<f64> = (1..=updates)
+        .map(|n| (responses.len() < n) as u8 as f64)
+        .collect();
+    let short = trainer.sum_over_peers(&short)?;
+    let updates = (1..=updates)
+        .take_while(|&n| short[n - 1] == 0.0)
+        .last()
+        .unwrap_or(1);
+    responses.shuffle(&mut StdRng::seed_from_u64(seed));
+    let total = responses.len();
+    let mut rest = responses.into_iter();
+    Ok((0..updates)
+        .map(|i| {
+            let size = (i + 1) * total / updates - i * total / updates;
+            rest.by_ref().take(size).collect()
+        })
+        .collect())
 }
 
 /// Prints the base-versus-trained table and saves it as RUN/summary.md and summary.json.
