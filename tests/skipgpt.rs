@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use trainer::model::init::ParamInit;
 use trainer::model::llama::LlamaConfig;
 use trainer::model::llama::{LayerDecisions, LayerExec};
+use trainer::model::router::RoutedModules;
 use trainer::train::{DeviceBatch, MicroBatchShare, Resume, TrainConfig, Trainer};
 use trainer::weights::named_tensors;
 use trainer::{CausalLm, Cpu};
@@ -24,13 +25,17 @@ use trainer::{CausalLm, Cpu};
 type Train = Autodiff<Cpu>;
 
 fn tiny_routed<B: Backend>(seed: u64) -> CausalLm<B> {
+    tiny_routed_over(seed, RoutedModules::Both)
+}
+
+fn tiny_routed_over<B: Backend>(seed: u64, modules: RoutedModules) -> CausalLm<B> {
     let config = LlamaConfig::tiny(64, 32, 3, 4, 2);
     let model = CausalLm::<B>::new(
         &config,
         &mut ParamInit::normal(seed, 0.3),
         &Default::default(),
     );
-    with_routers(model, seed + 1)
+    with_routers(model, seed + 1, modules)
 }
 
 /// The forward that multiplies every module by its router's hard gate (nothing skipped).
@@ -252,6 +257,66 @@ fn routed_model_saves_with_documented_router_names_and_reloads() {
     );
     assert_eq!(da, db);
     assert_eq!(values(a), values(b));
+}
+
+/// `router.modules = attention` / `mlp`: the other module has no router and always runs; one
+/// router step trains only the routers there are; the gate mean covers the routed modules;
+/// the export says which modules are routed and reloads to the same decisions.
+#[test]
+fn routing_one_module_kind_leaves_the_other_running() {
+    for (modules, routed, unrouted, column) in [
+        (RoutedModules::Attention, "attn", "mlp", 1),
+        (RoutedModules::Mlp, "mlp", "attn", 0),
+    ] {
+        let model = tiny_routed_over::<Train>(9, modules);
+        let names: Vec<String> = parameters(&model).into_keys().collect();
+        assert!(names
+            .iter()
+            .any(|n| n.contains(&format!(".router.{routed}."))));
+        assert!(!names
+            .iter()
+            .any(|n| n.contains(&format!(".router.{unrouted}."))));
+
+        // One router step: only the routed kind's routers exist to move, and they do.
+        let mut config = train_config("steps = 1\nbatch_size = 2\nlr = 1e-2\nlog_every = 100");
+        config.train_only = vec!["*.router.*".into()];
+        let dir = scratch_dir(&format!("skipgpt-only-{routed}"));
+        let (mut trainer, _) = Trainer::start(model, config, None, 0, &dir, &Resume::No).unwrap();
+        let before = parameters(&trainer.model);
+        let objective =
+            |model: &CausalLm<Train>, batch: DeviceBatch<Train>, share: MicroBatchShare| {
+                let (logits, gate) = gated_forward(model, &batch, 2.0, None).unwrap();
+                let value: f32 = gate.clone().into_scalar().elem();
+                assert!((0.0..=1.0).contains(&value), "{value}");
+                router_loss(logits, gate, &batch, share, 0.5, 20.0).0
+            };
+        trainer.train_step_of(&[batch()], &objective).unwrap();
+        let moved = changed(&before, &parameters(&trainer.model));
+        assert!(!moved.is_empty());
+        assert!(
+            moved
+                .iter()
+                .all(|n| n.contains(&format!(".router.{routed}."))),
+            "{moved:?}"
+        );
+
+        // Every token runs the unrouted module; the keep ratio counts it as kept.
+        let model = trainer.model.valid();
+        let eval = evaluate_routed(&model, &[batch()]);
+        assert!(
+            eval.keep.iter().all(|kinds| kinds[column] == 1.0),
+            "{eval:?}"
+        );
+        let dir = scratch_dir(&format!("skipgpt-only-{routed}-export"));
+        model.save(&dir, StoreDtype::F32, None).unwrap();
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["skipgpt_routed_modules"], serde_json::json!(modules));
+        let back = CausalLm::<Cpu>::load(&dir, &Default::default()).unwrap();
+        assert_eq!(back.config.routed_modules, modules);
+        assert_eq!(evaluate_routed(&back, &[batch()]), eval);
+    }
 }
 
 #[test]

@@ -42,8 +42,8 @@ use trainer::lora::LoraConfig;
 use trainer::loss::token_nll_sum;
 use trainer::model::init::ParamInit;
 use trainer::model::llama::{LayerDecisions, LayerExec, LayerGates};
-use trainer::model::router::straight_through_gate;
 use trainer::model::router::LayerRouter;
+use trainer::model::router::{straight_through_gate, RoutedModules};
 use trainer::train::{DeviceBatch, MicroBatchShare, Next, Resume, TrainConfig, Trainer};
 use trainer::CausalLm;
 
@@ -147,8 +147,12 @@ fn five_percent() -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterSection {
-    /// Target share of skipped modules (0.25: a quarter of all attention and MLP runs).
+    /// Target share of skipped modules (0.25: a quarter of all routed attention and MLP runs).
     pub sparsity: f64,
+    /// Which modules get routers: `both` (the paper's), or `attention` / `mlp` only (its
+    /// ablations; the others always run, and the target applies to the routed ones).
+    #[serde(default)]
+    pub modules: RoutedModules,
     #[serde(default = "twenty")]
     pub lambda: f64,
     #[serde(default = "five")]
@@ -274,15 +278,21 @@ fn gumbel_noise<B: Backend>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-/// The model with fresh routers on every layer (Kaiming-uniform weights, zero bias).
-pub fn with_routers<B: Backend>(mut model: CausalLm<B>, seed: u64) -> CausalLm<B> {
+/// The model with fresh routers on every layer (Kaiming-uniform weights, zero bias), over the
+/// `modules` of each layer.
+pub fn with_routers<B: Backend>(
+    mut model: CausalLm<B>,
+    seed: u64,
+    modules: RoutedModules,
+) -> CausalLm<B> {
     let device = model.device();
     let mut init = ParamInit::normal(seed, 0.0);
     let hidden = model.config.hidden_size;
     for layer in &mut model.model.layers {
-        layer.router = Some(LayerRouter::new(hidden, &mut init, &device));
+        layer.router = Some(LayerRouter::new(hidden, modules, &mut init, &device));
     }
     model.config.skip_routers = true;
+    model.config.routed_modules = modules;
     model
 }
 
@@ -292,6 +302,7 @@ pub fn without_routers<B: Backend>(mut model: CausalLm<B>) -> CausalLm<B> {
         layer.router = None;
     }
     model.config.skip_routers = false;
+    model.config.routed_modules = RoutedModules::Both;
     model
 }
 
@@ -319,7 +330,7 @@ pub fn routed_forward<B: Backend>(
 }
 
 /// The training forward: every module runs and is multiplied by its straight-through gate.
-/// Returns the logits and the mean gate over real tokens, layers and both module kinds.
+/// Returns the logits and the mean gate over real tokens, layers and the routed module kinds.
 /// Without noise the gates equal the deterministic ones inference uses.
 pub fn gated_forward<B: Backend>(
     model: &CausalLm<B>,
@@ -344,8 +355,11 @@ pub fn gated_forward<B: Backend>(
             straight_through_gate(logits, noise, temperature)
         };
         let gates = LayerGates {
-            attn: Some(gate(router.attn.forward(hidden.clone()))),
-            mlp: Some(gate(router.mlp.forward(hidden.clone()))),
+            attn: router
+                .attn
+                .as_ref()
+                .map(|r| gate(r.forward(hidden.clone()))),
+            mlp: router.mlp.as_ref().map(|r| gate(r.forward(hidden.clone()))),
         };
         for g in [&gates.attn, &gates.mlp].into_iter().flatten() {
             gate_sum = gate_sum.clone() + (g.clone() * valid.clone()).sum();
@@ -358,7 +372,7 @@ pub fn gated_forward<B: Backend>(
         batch.allowed.clone(),
         &mut plan,
     );
-    let decisions = 2.0 * model.num_layers() as f64;
+    let decisions = (model.config.routed_modules.count() * model.num_layers()) as f64;
     let mean_gate = gate_sum / batch.valid.clone().sum().mul_scalar(decisions);
     Ok((logits, mean_gate))
 }
@@ -448,7 +462,7 @@ fn router_stage<B: AutodiffBackend>(
     let mut train = config.router.train.clone();
     train.train_only = vec!["*.router.*".into()];
     prepare_run_dir(&dir, context.resolved, context.tokenizer_dir)?;
-    let model = with_routers(base, seed);
+    let model = with_routers(base, seed, config.router.modules);
     let (mut trainer, saved) = Trainer::start(model, train, None, seed, &dir, &Resume::Auto)?;
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
     leader_println!(
@@ -621,8 +635,15 @@ fn report<B: AutodiffBackend>(
             rows.push((name.to_string(), evaluate_routed(&model, eval_batches)));
         }
     }
+    let routed = match config.router.modules {
+        RoutedModules::Both => String::new(),
+        modules => format!(
+            " (routers on {} only; the keep ratio counts every module)",
+            json!(modules).as_str().unwrap_or("?")
+        ),
+    };
     let mut table = format!(
-        "# SkipGPT, target sparsity {:.0}%\n\n| model | held-out perplexity | keep ratio |\n| --- | --- | --- |\n",
+        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity | keep ratio |\n| --- | --- | --- |\n",
         100.0 * config.router.sparsity
     );
     for (name, eval) in &rows {

@@ -7,6 +7,9 @@ use serde_json::{json, Value};
 
 /// The config.json key that says a model carries SkipGPT routers.
 pub const SKIP_ROUTERS_KEY: &str = "skipgpt_routers";
+/// The config.json key that says which modules the routers cover, when not both
+/// (`"attention"` or `"mlp"`).
+pub const ROUTED_MODULES_KEY: &str = "skipgpt_routed_modules";
 
 /// The subset of a Hugging Face `config.json` this family needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,8 @@ pub struct LlamaConfig {
     /// SkipGPT token routers on every layer (`"skipgpt_routers": true` in config.json);
     /// their weights are `model.layers.N.router.{attn,mlp}.{fc1,fc2}.{weight,bias}`.
     pub skip_routers: bool,
+    /// Which modules the routers cover (`"skipgpt_routed_modules"`; both when absent).
+    pub routed_modules: super::router::RoutedModules,
     /// The original config.json, written back unchanged on save (keeps keys we do not use).
     pub original: Option<Value>,
 }
@@ -78,6 +83,7 @@ impl LlamaConfig {
             bos_token_id: None,
             eos_token_ids: vec![],
             skip_routers: false,
+            routed_modules: Default::default(),
             original: None,
         }
     }
@@ -197,6 +203,14 @@ impl LlamaConfig {
             eos_token_ids,
             model_type,
             skip_routers: bool_or(SKIP_ROUTERS_KEY, false)?,
+            routed_modules: match json.get(ROUTED_MODULES_KEY) {
+                None => Default::default(),
+                Some(value) => serde_json::from_value(value.clone()).map_err(|_| {
+                    anyhow::anyhow!(
+                        "config.json: `{ROUTED_MODULES_KEY}` = {value}: expected \"both\", \"attention\" or \"mlp\""
+                    )
+                })?,
+            },
             original: Some(json.clone()),
         })
     }
@@ -219,6 +233,10 @@ impl LlamaConfig {
             } else {
                 map.remove(SKIP_ROUTERS_KEY);
             }
+            match self.routed_modules {
+                super::router::RoutedModules::Both => map.remove(ROUTED_MODULES_KEY),
+                routed => map.insert(ROUTED_MODULES_KEY.into(), json!(routed)),
+            };
         }
         config
     }

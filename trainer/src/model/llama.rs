@@ -64,7 +64,7 @@ impl<B: Backend> DecoderLayer<B> {
             ),
             router: config
                 .skip_routers
-                .then(|| LayerRouter::new(config.hidden_size, init, device)),
+                .then(|| LayerRouter::new(config.hidden_size, config.routed_modules, init, device)),
         }
     }
 

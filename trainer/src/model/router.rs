@@ -1,8 +1,9 @@
 //! SkipGPT's token routers (EIT-NLP, ICML 2025): which tokens run each module of a layer.
 //! The decoder loop runs a layer as its router decides (`LayerExec::Skipping`).
 //!
-//! Each decoder layer gets two routers, one for attention and one for the MLP, both reading the
-//! layer's input hidden state: `Linear(d, d/4) -> ReLU -> Linear(d/4, 2)`. Channel 0 of the
+//! Each decoder layer gets two routers, one for attention and one for the MLP (or only one of
+//! them: [`RoutedModules`]), both reading the layer's input hidden state:
+//! `Linear(d, d/4) -> ReLU -> Linear(d/4, 2)`. Channel 0 of the
 //! two logits means "execute", channel 1 "skip". Training uses straight-through Gumbel-softmax
 //! gates; inference takes the argmax, without noise.
 //!
@@ -46,31 +47,68 @@ impl<B: Backend> TokenRouter<B> {
     }
 }
 
+/// Which modules of a layer have a router (the others always run): SkipGPT's default routes
+/// both; its ablations route attention only or the MLP only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutedModules {
+    #[default]
+    Both,
+    Attention,
+    Mlp,
+}
+
+impl RoutedModules {
+    pub fn attention(self) -> bool {
+        self != Self::Mlp
+    }
+    pub fn mlp(self) -> bool {
+        self != Self::Attention
+    }
+    /// Routed modules per layer.
+    pub fn count(self) -> usize {
+        self.attention() as usize + self.mlp() as usize
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct LayerRouter<B: Backend> {
-    pub attn: TokenRouter<B>,
-    pub mlp: TokenRouter<B>,
+    pub attn: Option<TokenRouter<B>>,
+    pub mlp: Option<TokenRouter<B>>,
 }
 
 impl<B: Backend> LayerRouter<B> {
-    pub fn new(hidden: usize, init: &mut ParamInit, device: &B::Device) -> Self {
-        Self {
-            attn: TokenRouter::new(hidden, init, device),
-            mlp: TokenRouter::new(hidden, init, device),
-        }
+    pub fn new(
+        hidden: usize,
+        routed: RoutedModules,
+        init: &mut ParamInit,
+        device: &B::Device,
+    ) -> Self {
+        let attn = routed
+            .attention()
+            .then(|| TokenRouter::new(hidden, init, device));
+        let mlp = routed.mlp().then(|| TokenRouter::new(hidden, init, device));
+        Self { attn, mlp }
     }
 
-    /// Deterministic gates (argmax, no noise), as inference uses them.
+    /// Deterministic gates (argmax, no noise), as inference uses them; `None` for a module
+    /// without a router.
     pub fn hard_gates(&self, hidden: Tensor<B, 3>) -> LayerGates<B> {
+        let gate = |router: &TokenRouter<B>| hard_gate(router.forward(hidden.clone()));
         LayerGates {
-            attn: Some(hard_gate(self.attn.forward(hidden.clone()))),
-            mlp: Some(hard_gate(self.mlp.forward(hidden))),
+            attn: self.attn.as_ref().map(gate),
+            mlp: self.mlp.as_ref().map(gate),
         }
     }
 
-    /// The deterministic decisions for the layer input `hidden`, as inference skips by them.
+    /// The deterministic decisions for the layer input `hidden`, as inference skips by them
+    /// (every token runs a module without a router).
     pub fn decisions(&self, hidden: &Tensor<B, 3>) -> LayerDecisions {
-        let flags = |router: &TokenRouter<B>| -> Vec<bool> {
+        let [b, s, _] = hidden.dims();
+        let flags = |router: &Option<TokenRouter<B>>| -> Vec<bool> {
+            let Some(router) = router else {
+                return vec![true; b * s];
+            };
             let gate = hard_gate(router.forward(hidden.clone()));
             gate.into_data()
                 .to_vec::<f32>()
