@@ -429,7 +429,7 @@ pub fn run<B: AutodiffBackend>(
     )?;
     trainer.base_model = base_folder;
     // Mini-batches of the last rollout not trained on yet: (prompt, response) token pairs.
-    let mut pending: VecDeque<Vec<(Vec<u32>, Vec<u32>)>> = match &saved {
+    let mut pending: VecDeque<Vec<Response>> = match &saved {
         Some(state) if state.get("pending").is_some() => {
             serde_json::from_value(state["pending"].clone())?
         }
@@ -470,7 +470,7 @@ pub fn run<B: AutodiffBackend>(
     while !trainer.is_done() {
         let mut scalars = Vec::new();
         if pending.is_empty() {
-            let (responses, rollout_scalars, anyone_kept) = rollout(
+            let rollout = rollout(
                 &trainer,
                 &mut prompts,
                 &train_items,
@@ -479,11 +479,11 @@ pub fn run<B: AutodiffBackend>(
                 &stop_tokens,
                 &config,
             )?;
-            scalars = rollout_scalars;
+            scalars = rollout.scalars;
             pending = mini_batches_for_updates(
                 &trainer,
-                responses,
-                anyone_kept,
+                rollout.responses,
+                rollout.anyone_kept,
                 sampling.updates_per_rollout,
                 seed ^ trainer.step,
             )?;
@@ -524,10 +524,20 @@ pub fn run<B: AutodiffBackend>(
     trainer.export_latest(&config.run.dir.join("final"))
 }
 
+/// A kept response: its prompt's tokens and its own.
+type Response = (Vec<u32>, Vec<u32>);
+
+/// What one rollout gives: this peer's kept responses, the rollout's metrics over all peers,
+/// and whether any peer kept a response.
+struct Rollout {
+    responses: Vec<Response>,
+    scalars: Vec<(&'static str, f64)>,
+    anyone_kept: bool,
+}
+
 /// Steps 1-4 of the algorithm for one rollout: a batch of prompts, n samples each from the
 /// current model (with peers: the same global batch everywhere, each peer sampling its own
-/// share of the prompts), scored, the correct ones kept. Returns this peer's kept (prompt,
-/// response) pairs, the rollout's metrics over all peers, and whether any peer kept one.
+/// share of the prompts), scored, the correct ones kept.
 fn rollout<B: AutodiffBackend>(
     trainer: &Trainer<B>,
     prompts: &mut EpochSampler,
@@ -536,7 +546,7 @@ fn rollout<B: AutodiffBackend>(
     verifier: &dyn Verifier,
     stop_tokens: &[u32],
     config: &OnPolicyConfig,
-) -> Result<(Vec<(Vec<u32>, Vec<u32>)>, Vec<(&'static str, f64)>, bool)> {
+) -> Result<Rollout> {
     let sampling = &config.sampling;
     let peer = trainer.peer.clone();
     let picked = prompts.next_indices(sampling.prompts_per_step);
@@ -583,7 +593,7 @@ fn rollout<B: AutodiffBackend>(
         .iter()
         .map(|i| i / sampling.samples_per_prompt)
         .collect();
-    let responses: Vec<(Vec<u32>, Vec<u32>)> = kept
+    let responses: Vec<Response> = kept
         .iter()
         .map(|&i| (batch[i].tokens.clone(), samples.tokens[i].clone()))
         .collect();
@@ -616,7 +626,11 @@ fn rollout<B: AutodiffBackend>(
             generated / (seconds / peer.world() as f64),
         ),
     ];
-    Ok((responses, scalars, kept > 0.0))
+    Ok(Rollout {
+        responses,
+        scalars,
+        anyone_kept: kept > 0.0,
+    })
 }
 
 /// A rollout's kept responses, shuffled and split into `updates` mini-batches of near-equal
@@ -624,11 +638,11 @@ fn rollout<B: AutodiffBackend>(
 /// of updates), none when no peer kept any.
 fn mini_batches_for_updates<B: AutodiffBackend>(
     trainer: &Trainer<B>,
-    mut responses: Vec<(Vec<u32>, Vec<u32>)>,
+    mut responses: Vec<Response>,
     anyone_kept: bool,
     updates: usize,
     seed: u64,
-) -> Result<VecDeque<Vec<(Vec<u32>, Vec<u32>)>>> {
+) -> Result<VecDeque<Vec<Response>>> {
     if !anyone_kept {
         return Ok(VecDeque::new());
     }

@@ -681,6 +681,7 @@ mod tests {
     fn section(curriculum_every: u64) -> RouterSection {
         RouterSection {
             sparsity: 0.25,
+            modules: RoutedModules::Both,
             lambda: 20.0,
             temperature_start: 5.0,
             temperature_end: 1.0,
