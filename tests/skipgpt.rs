@@ -319,6 +319,49 @@ fn routing_one_module_kind_leaves_the_other_running() {
     }
 }
 
+/// `router.modules = block`: one router per layer; attention and MLP share every decision,
+/// in the training forward (one noise draw) and at inference; export and reload keep it.
+#[test]
+fn block_routing_decides_both_modules_at_once() {
+    let model = tiny_routed_over::<Cpu>(10, RoutedModules::Block);
+    let names: Vec<String> = named_tensors(&model).into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().any(|n| n.contains(".router.attn.")));
+    assert!(
+        !names.iter().any(|n| n.contains(".router.mlp.")),
+        "{names:?}"
+    );
+    let device = Default::default();
+    let on_device = DeviceBatch::<Cpu>::new(&batch(), &device);
+    let (_, decisions) = routed_forward(
+        &model,
+        on_device.tokens.clone(),
+        on_device.positions.clone(),
+        on_device.allowed.clone(),
+    );
+    for d in &decisions {
+        assert_eq!(d.attn, d.mlp);
+    }
+    assert!(
+        decisions.iter().any(|d| d.attn.contains(&false)),
+        "some token skips"
+    );
+    // The training forward's gate mean (both kinds counted, no noise) is the keep ratio that
+    // real skipping measures.
+    let (_, mean_gate) = gated_forward(&model, &on_device, 1.0, None).unwrap();
+    let mean: f32 = mean_gate.into_scalar().elem();
+    let measured = evaluate_routed(&model, &[batch()]).overall_keep;
+    assert!((mean as f64 - measured).abs() < 1e-6, "{mean} {measured}");
+
+    let dir = scratch_dir("skipgpt-block-export");
+    model.save(&dir, StoreDtype::F32, None).unwrap();
+    let back = CausalLm::<Cpu>::load(&dir, &Default::default()).unwrap();
+    assert_eq!(back.config.routed_modules, RoutedModules::Block);
+    assert_eq!(
+        evaluate_routed(&back, &[batch()]),
+        evaluate_routed(&model, &[batch()])
+    );
+}
+
 #[test]
 fn evaluation_counts_keep_ratios_per_layer_and_kind() {
     let model = tiny_routed::<Cpu>(8);

@@ -149,8 +149,9 @@ fn five_percent() -> f64 {
 pub struct RouterSection {
     /// Target share of skipped modules (0.25: a quarter of all routed attention and MLP runs).
     pub sparsity: f64,
-    /// Which modules get routers: `both` (the paper's), or `attention` / `mlp` only (its
-    /// ablations; the others always run, and the target applies to the routed ones).
+    /// Which modules get routers: `both` (the paper's, a router each), or its ablations:
+    /// `attention` / `mlp` only (the other always runs; the target applies to the routed
+    /// ones), or `block` (one router per layer deciding both modules).
     #[serde(default)]
     pub modules: RoutedModules,
     #[serde(default = "twenty")]
@@ -354,13 +355,16 @@ pub fn gated_forward<B: Backend>(
                 .map(|(rng, scale)| gumbel_noise(rng, [b, s, 2], *scale, &device));
             straight_through_gate(logits, noise, temperature)
         };
-        let gates = LayerGates {
-            attn: router
-                .attn
-                .as_ref()
-                .map(|r| gate(r.forward(hidden.clone()))),
-            mlp: router.mlp.as_ref().map(|r| gate(r.forward(hidden.clone()))),
+        let attn = router
+            .attn
+            .as_ref()
+            .map(|r| gate(r.forward(hidden.clone())));
+        // Block routing: one decision (one noise draw) for both modules.
+        let mlp = match router.block {
+            true => attn.clone(),
+            false => router.mlp.as_ref().map(|r| gate(r.forward(hidden.clone()))),
         };
+        let gates = LayerGates { attn, mlp };
         for g in [&gates.attn, &gates.mlp].into_iter().flatten() {
             gate_sum = gate_sum.clone() + (g.clone() * valid.clone()).sum();
         }

@@ -48,7 +48,8 @@ impl<B: Backend> TokenRouter<B> {
 }
 
 /// Which modules of a layer have a router (the others always run): SkipGPT's default routes
-/// both; its ablations route attention only or the MLP only.
+/// both, each with its own router; its ablations route attention only, the MLP only, or the
+/// whole block with one router (one decision per token for both modules).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutedModules {
@@ -56,6 +57,8 @@ pub enum RoutedModules {
     Both,
     Attention,
     Mlp,
+    /// One router per layer (stored as `attn`) whose decision runs or skips both modules.
+    Block,
 }
 
 impl RoutedModules {
@@ -64,6 +67,10 @@ impl RoutedModules {
     }
     pub fn mlp(self) -> bool {
         self != Self::Attention
+    }
+    /// Whether the MLP has a router of its own.
+    fn own_mlp_router(self) -> bool {
+        matches!(self, Self::Both | Self::Mlp)
     }
     /// Routed modules per layer.
     pub fn count(self) -> usize {
@@ -75,6 +82,8 @@ impl RoutedModules {
 pub struct LayerRouter<B: Backend> {
     pub attn: Option<TokenRouter<B>>,
     pub mlp: Option<TokenRouter<B>>,
+    /// The attention router decides for the MLP too ([`RoutedModules::Block`]).
+    pub block: bool,
 }
 
 impl<B: Backend> LayerRouter<B> {
@@ -87,8 +96,22 @@ impl<B: Backend> LayerRouter<B> {
         let attn = routed
             .attention()
             .then(|| TokenRouter::new(hidden, init, device));
-        let mlp = routed.mlp().then(|| TokenRouter::new(hidden, init, device));
-        Self { attn, mlp }
+        let mlp = routed
+            .own_mlp_router()
+            .then(|| TokenRouter::new(hidden, init, device));
+        Self {
+            attn,
+            mlp,
+            block: routed == RoutedModules::Block,
+        }
+    }
+
+    /// The router deciding for the MLP: its own, or in block routing the attention one.
+    pub fn mlp_router(&self) -> Option<&TokenRouter<B>> {
+        match self.block {
+            true => self.attn.as_ref(),
+            false => self.mlp.as_ref(),
+        }
     }
 
     /// Deterministic gates (argmax, no noise), as inference uses them; `None` for a module
@@ -97,7 +120,7 @@ impl<B: Backend> LayerRouter<B> {
         let gate = |router: &TokenRouter<B>| hard_gate(router.forward(hidden.clone()));
         LayerGates {
             attn: self.attn.as_ref().map(gate),
-            mlp: self.mlp.as_ref().map(gate),
+            mlp: self.mlp_router().map(gate),
         }
     }
 
@@ -105,7 +128,7 @@ impl<B: Backend> LayerRouter<B> {
     /// (every token runs a module without a router).
     pub fn decisions(&self, hidden: &Tensor<B, 3>) -> LayerDecisions {
         let [b, s, _] = hidden.dims();
-        let flags = |router: &Option<TokenRouter<B>>| -> Vec<bool> {
+        let flags = |router: Option<&TokenRouter<B>>| -> Vec<bool> {
             let Some(router) = router else {
                 return vec![true; b * s];
             };
@@ -118,8 +141,8 @@ impl<B: Backend> LayerRouter<B> {
                 .collect()
         };
         LayerDecisions {
-            attn: flags(&self.attn),
-            mlp: flags(&self.mlp),
+            attn: flags(self.attn.as_ref()),
+            mlp: flags(self.mlp_router()),
         }
     }
 }
