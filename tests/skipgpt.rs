@@ -10,7 +10,8 @@ use checkpoints::{StoreDtype, WeightSource};
 use common::*;
 use datasets::{TokenBatch, TokenRow};
 use recipes::skipgpt::{
-    evaluate_routed, gated_forward, routed_forward, router_loss, with_routers, without_routers,
+    evaluate_routed, evaluate_routed_with_noise, gated_forward, routed_forward, router_loss,
+    with_routers, without_routers,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -422,6 +423,39 @@ fn all_stages_run_report_and_export_through_the_binary() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success());
     assert!(stdout.contains("router stage: reusing"), "{stdout}");
+
+    // The official code's noisy evaluation, beside the deterministic one, on the same models.
+    let output = skipgpt_command(
+        &run_dir,
+        &["--resume", "auto", "--set", "router.eval_noise=true"],
+    )
+    .output()
+    .unwrap();
+    assert!(output.status.success());
+    let noisy: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(noisy["routers + LoRA"], summary["routers + LoRA"]);
+    let entry = &noisy["routers + LoRA, noisy evaluation"];
+    assert!(entry["perplexity"].as_f64().unwrap() > 1.0, "{noisy}");
+    assert_ne!(entry["keep"], summary["routers + LoRA"]["keep"]);
+}
+
+/// Noisy evaluation draws from its seed: the same seed decides the same, another seed or no
+/// noise decides differently.
+#[test]
+fn noisy_evaluation_is_seeded_and_differs_from_the_deterministic_one() {
+    let model = tiny_routed::<Cpu>(11);
+    let batches = [batch()];
+    let plain = evaluate_routed(&model, &batches);
+    let once = evaluate_routed_with_noise(&model, &batches, Some(1));
+    assert_eq!(once, evaluate_routed_with_noise(&model, &batches, Some(1)));
+    assert_ne!(once.keep, plain.keep);
+    assert_ne!(
+        once.keep,
+        evaluate_routed_with_noise(&model, &batches, Some(2)).keep
+    );
+    assert_eq!(plain, evaluate_routed_with_noise(&model, &batches, None));
 }
 
 /// Greedy continuation by full gated forwards over the growing sequence.

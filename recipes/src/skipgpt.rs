@@ -18,7 +18,8 @@
 //! One deviation, on purpose: inference routes deterministically (argmax, no noise) while the
 //! public code keeps the Gumbel noise at evaluation. So that training ends on the routing that
 //! inference uses, the noise is faded out over the end of the router stage
-//! (`router.noise_fade = [start, end]`, fractions of the stage).
+//! (`router.noise_fade = [start, end]`, fractions of the stage). `router.eval_noise` adds the
+//! official code's noisy evaluation to the table.
 
 use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
 use crate::stages::{finished_stage, train_stage, SftStage, StageContext};
@@ -154,6 +155,10 @@ pub struct RouterSection {
     /// ones), or `block` (one router per layer deciding both modules).
     #[serde(default)]
     pub modules: RoutedModules,
+    /// Also evaluate with Gumbel noise on the routers' logits, as the official code does
+    /// (inference here is deterministic; the table then has both).
+    #[serde(default)]
+    pub eval_noise: bool,
     #[serde(default = "twenty")]
     pub lambda: f64,
     #[serde(default = "five")]
@@ -315,9 +320,30 @@ pub fn routed_forward<B: Backend>(
     positions: Tensor<B, 2, Int>,
     allowed: Tensor<B, 4, Bool>,
 ) -> (Tensor<B, 3>, Vec<LayerDecisions>) {
+    routed_forward_with_noise(model, tokens, positions, allowed, None)
+}
+
+/// As [`routed_forward`], with Gumbel noise on every router's logits when `noise` is given
+/// (SkipGPT's official code evaluates so; `router.eval_noise`).
+pub fn routed_forward_with_noise<B: Backend>(
+    model: &CausalLm<B>,
+    tokens: Tensor<B, 2, Int>,
+    positions: Tensor<B, 2, Int>,
+    allowed: Tensor<B, 4, Bool>,
+    mut noise: Option<&mut StdRng>,
+) -> (Tensor<B, 3>, Vec<LayerDecisions>) {
     let mut decisions = Vec::with_capacity(model.num_layers());
     let logits = model.forward_with(tokens, positions, allowed, &mut |index, hidden| {
-        let exec = model.model.layers[index].inference_exec(hidden);
+        let layer = &model.model.layers[index];
+        let exec = match (noise.as_deref_mut(), &layer.router) {
+            (Some(rng), Some(router)) => {
+                let [b, s, _] = hidden.dims();
+                let device = hidden.device();
+                let mut draw = || gumbel_noise(rng, [b, s, 2], 1.0, &device);
+                LayerExec::Skipping(router.noisy_decisions(hidden, &mut draw))
+            }
+            _ => layer.inference_exec(hidden),
+        };
         decisions.push(match &exec {
             LayerExec::Skipping(chosen) => chosen.clone(),
             _ => {
@@ -412,6 +438,17 @@ pub struct RoutedEval {
 /// Held-out perplexity and keep ratios of a model, computed with real skipping (a dense model
 /// keeps everything).
 pub fn evaluate_routed<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) -> RoutedEval {
+    evaluate_routed_with_noise(model, batches, None)
+}
+
+/// As [`evaluate_routed`], with the routers' decisions drawn with Gumbel noise from `seed`
+/// when given (the official code's evaluation).
+pub fn evaluate_routed_with_noise<B: Backend>(
+    model: &CausalLm<B>,
+    batches: &[TokenBatch],
+    seed: Option<u64>,
+) -> RoutedEval {
+    let mut rng = seed.map(StdRng::seed_from_u64);
     let device = model.device();
     let layers = model.num_layers();
     let (mut nll, mut targets) = (0.0, 0usize);
@@ -421,11 +458,12 @@ pub fn evaluate_routed<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) 
         let real: Vec<bool> = batch.segment.iter().flatten().map(|&s| s != 0).collect();
         real_tokens += real.iter().filter(|&&r| r).count();
         let on_device = DeviceBatch::<B>::new(batch, &device);
-        let (logits, decisions) = routed_forward(
+        let (logits, decisions) = routed_forward_with_noise(
             model,
             on_device.tokens,
             on_device.positions,
             on_device.allowed,
+            rng.as_mut(),
         );
         let sum: f32 = token_nll_sum(logits, on_device.targets, on_device.selected)
             .into_scalar()
@@ -637,6 +675,10 @@ fn report<B: AutodiffBackend>(
         if dir.join("config.json").exists() {
             let model = config.run.load_model::<Eval<B>>(dir, device)?;
             rows.push((name.to_string(), evaluate_routed(&model, eval_batches)));
+            if config.router.eval_noise {
+                let noisy = evaluate_routed_with_noise(&model, eval_batches, Some(config.run.seed));
+                rows.push((format!("{name}, noisy evaluation"), noisy));
+            }
         }
     }
     let routed = match config.router.modules {
@@ -657,7 +699,11 @@ fn report<B: AutodiffBackend>(
             100.0 * eval.overall_keep
         );
     }
-    if let Some((name, last)) = rows.iter().rev().find(|(n, _)| n != "dense") {
+    if let Some((name, last)) = rows
+        .iter()
+        .rev()
+        .find(|(n, _)| n != "dense" && !n.ends_with("noisy evaluation"))
+    {
         table += &format!("\nKeep ratio per layer ({name}):\n\n| layer | attention | MLP |\n| --- | --- | --- |\n");
         for (layer, [attn, mlp]) in last.keep.iter().enumerate() {
             table += &format!("| {layer} | {:.1}% | {:.1}% |\n", 100.0 * attn, 100.0 * mlp);
@@ -686,6 +732,7 @@ mod tests {
         RouterSection {
             sparsity: 0.25,
             modules: RoutedModules::Both,
+            eval_noise: false,
             lambda: 20.0,
             temperature_start: 5.0,
             temperature_end: 1.0,

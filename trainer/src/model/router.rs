@@ -127,23 +127,48 @@ impl<B: Backend> LayerRouter<B> {
     /// The deterministic decisions for the layer input `hidden`, as inference skips by them
     /// (every token runs a module without a router).
     pub fn decisions(&self, hidden: &Tensor<B, 3>) -> LayerDecisions {
+        self.decide(hidden, None)
+    }
+
+    /// The decisions with `noise()` (Gumbel noise shaped like the logits, `[b, s, 2]`) added
+    /// to each router's logits first: how SkipGPT's official code evaluates.
+    pub fn noisy_decisions(
+        &self,
+        hidden: &Tensor<B, 3>,
+        noise: &mut dyn FnMut() -> Tensor<B, 3>,
+    ) -> LayerDecisions {
+        self.decide(hidden, Some(noise))
+    }
+
+    fn decide(
+        &self,
+        hidden: &Tensor<B, 3>,
+        mut noise: Option<&mut dyn FnMut() -> Tensor<B, 3>>,
+    ) -> LayerDecisions {
         let [b, s, _] = hidden.dims();
-        let flags = |router: Option<&TokenRouter<B>>| -> Vec<bool> {
+        let mut flags = |router: Option<&TokenRouter<B>>| -> Vec<bool> {
             let Some(router) = router else {
                 return vec![true; b * s];
             };
-            let gate = hard_gate(router.forward(hidden.clone()));
-            gate.into_data()
+            let mut logits = router.forward(hidden.clone());
+            if let Some(noise) = noise.as_mut() {
+                logits = logits + noise();
+            }
+            hard_gate(logits)
+                .into_data()
                 .to_vec::<f32>()
                 .expect("f32 gates")
                 .into_iter()
                 .map(|g| g > 0.5)
                 .collect()
         };
-        LayerDecisions {
-            attn: flags(self.attn.as_ref()),
-            mlp: flags(self.mlp_router()),
-        }
+        let attn = flags(self.attn.as_ref());
+        // Block routing: the one decision (and noise draw) covers both modules.
+        let mlp = match self.block {
+            true => attn.clone(),
+            false => flags(self.mlp.as_ref()),
+        };
+        LayerDecisions { attn, mlp }
     }
 }
 
