@@ -10,8 +10,8 @@ use checkpoints::{StoreDtype, WeightSource};
 use common::*;
 use datasets::{TokenBatch, TokenRow};
 use recipes::skipgpt::{
-    evaluate_routed, evaluate_routed_with_noise, gated_forward, routed_forward, router_loss,
-    with_routers, without_routers,
+    evaluate_deciding, evaluate_routed, evaluate_routed_with_noise, flops_kept, gated_forward,
+    least_important_modules, routed_forward, router_loss, with_routers, without_routers, Decider,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -403,6 +403,22 @@ fn all_stages_run_report_and_export_through_the_binary() {
         assert_eq!(entry["keep"].as_array().unwrap().len(), 2, "{name}");
     }
     assert_eq!(summary["dense"]["overall_keep"], 1.0);
+    assert_eq!(summary["dense"]["flops_keep"], 1.0);
+    // The controls at the routers' keep ratio, and the dense base with the same LoRA stage.
+    let names: Vec<&String> = summary.as_object().unwrap().keys().collect();
+    for control in [
+        "control: random routing",
+        "control: static dropping",
+        "control: dense + LoRA",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(control)),
+            "{control}: {names:?}"
+        );
+    }
+    assert!(run_dir.join("lora-dense/final/config.json").exists());
+    let routers = summary["routers"]["flops_keep"].as_f64().unwrap();
+    assert!(routers > 0.0 && routers <= 1.0);
     let map = image::open(run_dir.join("plots/routing-map.png")).unwrap();
     assert!(map.width() > 100 && map.height() > 100);
 
@@ -439,6 +455,91 @@ fn all_stages_run_report_and_export_through_the_binary() {
     let entry = &noisy["routers + LoRA, noisy evaluation"];
     assert!(entry["perplexity"].as_f64().unwrap() > 1.0, "{noisy}");
     assert_ne!(entry["keep"], summary["routers + LoRA"]["keep"]);
+}
+
+/// FLOPs kept: all of them when everything runs; without attention queries and MLPs only the
+/// key and value projections; an MLP costs what its three products cost.
+#[test]
+fn flops_kept_counts_what_skipping_saves() {
+    let config = LlamaConfig::tiny(64, 32, 3, 4, 2);
+    assert!((flops_kept(&config, &[[1.0, 1.0]; 3], 10.0) - 1.0).abs() < 1e-12);
+    let (h, i) = (32.0, config.intermediate_size as f64);
+    let q = (config.num_attention_heads * config.head_dim) as f64;
+    let kv = (config.num_key_value_heads * config.head_dim) as f64;
+    let total = 4.0 * h * q + 4.0 * 10.0 * q + 4.0 * h * kv + 6.0 * h * i;
+    let nothing = flops_kept(&config, &[[0.0, 0.0]; 3], 10.0);
+    assert!((nothing - 4.0 * h * kv / total).abs() < 1e-12, "{nothing}");
+    let no_mlp = flops_kept(&config, &[[1.0, 0.0]; 3], 10.0);
+    assert!(
+        (no_mlp - (1.0 - 6.0 * h * i / total)).abs() < 1e-12,
+        "{no_mlp}"
+    );
+    // Longer contexts make attention a larger share.
+    assert!(
+        flops_kept(&config, &[[0.0, 1.0]; 3], 1000.0) < flops_kept(&config, &[[0.0, 1.0]; 3], 10.0)
+    );
+}
+
+/// The random and static controls: random routing draws each decision from its keep ratio
+/// (seeded); static dropping drops exactly the asked number of modules for every token.
+#[test]
+fn random_and_static_controls_skip_as_asked() {
+    let model = without_routers(tiny_routed::<Cpu>(12));
+    let batches = [batch()];
+    let dense = evaluate_routed(&model, &batches);
+    let all = [[1.0, 1.0]; 3];
+    let kept_all = evaluate_deciding(
+        &model,
+        &batches,
+        Decider::Random {
+            keep: &all,
+            seed: 1,
+        },
+    );
+    assert_eq!(kept_all.perplexity, dense.perplexity);
+    let half = [[0.5, 0.5]; 3];
+    let a = evaluate_deciding(
+        &model,
+        &batches,
+        Decider::Random {
+            keep: &half,
+            seed: 1,
+        },
+    );
+    let b = evaluate_deciding(
+        &model,
+        &batches,
+        Decider::Random {
+            keep: &half,
+            seed: 1,
+        },
+    );
+    assert_eq!(a, b);
+    assert!(a.overall_keep > 0.2 && a.overall_keep < 0.8, "{a:?}");
+    let dropped = least_important_modules(&model, &batches, 2);
+    assert_eq!(dropped.iter().flatten().filter(|&&d| d).count(), 2);
+    let eval = evaluate_deciding(&model, &batches, Decider::Static { dropped: &dropped });
+    assert!((eval.overall_keep - 4.0 / 6.0).abs() < 1e-12, "{eval:?}");
+    for (layer, [attn, mlp]) in eval.keep.iter().enumerate() {
+        assert_eq!(*attn, if dropped[layer][0] { 0.0 } else { 1.0 });
+        assert_eq!(*mlp, if dropped[layer][1] { 0.0 } else { 1.0 });
+    }
+    // The modules dropped are the two whose single removal cost the least.
+    let single = |layer: usize, kind: usize| {
+        let mut one = vec![[false; 2]; 3];
+        one[layer][kind] = true;
+        evaluate_deciding(&model, &batches, Decider::Static { dropped: &one }).perplexity
+    };
+    let worst_dropped = (0..3)
+        .flat_map(|l| (0..2).map(move |k| (l, k)))
+        .filter(|&(l, k)| dropped[l][k])
+        .map(|(l, k)| single(l, k))
+        .fold(f64::MIN, f64::max);
+    for (l, k) in (0..3).flat_map(|l| (0..2).map(move |k| (l, k))) {
+        if !dropped[l][k] {
+            assert!(single(l, k) >= worst_dropped);
+        }
+    }
 }
 
 /// Noisy evaluation draws from its seed: the same seed decides the same, another seed or no

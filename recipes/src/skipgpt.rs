@@ -42,7 +42,7 @@ use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::loss::token_nll_sum;
 use trainer::model::init::ParamInit;
-use trainer::model::llama::{LayerDecisions, LayerExec, LayerGates};
+use trainer::model::llama::{LayerDecisions, LayerExec, LayerGates, LlamaConfig};
 use trainer::model::router::LayerRouter;
 use trainer::model::router::{straight_through_gate, RoutedModules};
 use trainer::train::{DeviceBatch, MicroBatchShare, Next, Resume, TrainConfig, Trainer};
@@ -63,6 +63,14 @@ pub struct SkipGptConfig {
     pub stages: Vec<Stage>,
     #[serde(default = "eight")]
     pub eval_batch_size: usize,
+    /// The controls at the routers' keep ratio, in the table: random routing and static
+    /// module dropping on the base, and the dense base with the same LoRA stage.
+    #[serde(default = "yes")]
+    pub controls: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Validate for SkipGptConfig {
@@ -431,14 +439,29 @@ pub struct RoutedEval {
     pub perplexity: f64,
     /// Share of real tokens that execute each layer's (attention, MLP).
     pub keep: Vec<[f64; 2]>,
-    /// Over all layers and both kinds.
+    /// Over all layers and both kinds: the keep ratio in modules.
     pub overall_keep: f64,
+    /// The decoder layers' matrix-product FLOPs per token that ran, over the dense model's
+    /// (a skipped attention still computes its key and value; the scores count the context
+    /// each token attends to).
+    pub flops_keep: f64,
+}
+
+/// Who decides, per layer, which tokens run each module during an evaluation.
+pub enum Decider<'a> {
+    /// The model's routers, deterministically (inference), or with seeded Gumbel noise.
+    Routers { noise: Option<u64> },
+    /// Each token runs module kind k of layer l with probability `keep[l][k]` (seeded): the
+    /// random-routing control.
+    Random { keep: &'a [[f64; 2]], seed: u64 },
+    /// Whole modules dropped for every token (`dropped[l][k]`): the static-dropping control.
+    Static { dropped: &'a [[bool; 2]] },
 }
 
 /// Held-out perplexity and keep ratios of a model, computed with real skipping (a dense model
 /// keeps everything).
 pub fn evaluate_routed<B: Backend>(model: &CausalLm<B>, batches: &[TokenBatch]) -> RoutedEval {
-    evaluate_routed_with_noise(model, batches, None)
+    evaluate_deciding(model, batches, Decider::Routers { noise: None })
 }
 
 /// As [`evaluate_routed`], with the routers' decisions drawn with Gumbel noise from `seed`
@@ -448,23 +471,83 @@ pub fn evaluate_routed_with_noise<B: Backend>(
     batches: &[TokenBatch],
     seed: Option<u64>,
 ) -> RoutedEval {
+    evaluate_deciding(model, batches, Decider::Routers { noise: seed })
+}
+
+/// Held-out perplexity, keep ratios and FLOPs kept of `model` run with real skipping as
+/// `decider` says.
+pub fn evaluate_deciding<B: Backend>(
+    model: &CausalLm<B>,
+    batches: &[TokenBatch],
+    decider: Decider<'_>,
+) -> RoutedEval {
+    let seed = match decider {
+        Decider::Routers { noise } => noise,
+        Decider::Random { seed, .. } => Some(seed),
+        Decider::Static { .. } => None,
+    };
     let mut rng = seed.map(StdRng::seed_from_u64);
     let device = model.device();
     let layers = model.num_layers();
     let (mut nll, mut targets) = (0.0, 0usize);
     let mut kept = vec![[0usize; 2]; layers];
-    let mut real_tokens = 0usize;
+    let (mut real_tokens, mut context) = (0usize, 0usize);
     for batch in batches {
         let real: Vec<bool> = batch.segment.iter().flatten().map(|&s| s != 0).collect();
         real_tokens += real.iter().filter(|&&r| r).count();
+        // Each real token attends to itself and the real tokens before it in its row.
+        for row in &batch.segment {
+            context += (1..=row.iter().filter(|&&s| s != 0).count()).sum::<usize>();
+        }
         let on_device = DeviceBatch::<B>::new(batch, &device);
-        let (logits, decisions) = routed_forward_with_noise(
-            model,
-            on_device.tokens,
-            on_device.positions,
-            on_device.allowed,
-            rng.as_mut(),
-        );
+        let (logits, decisions) = match &decider {
+            Decider::Routers { .. } => routed_forward_with_noise(
+                model,
+                on_device.tokens,
+                on_device.positions,
+                on_device.allowed,
+                rng.as_mut(),
+            ),
+            Decider::Random { keep, .. } => {
+                let rng = rng.as_mut().expect("seeded");
+                let mut decisions = Vec::new();
+                let logits = model.forward_with(
+                    on_device.tokens,
+                    on_device.positions,
+                    on_device.allowed,
+                    &mut |index, hidden| {
+                        let [b, s, _] = hidden.dims();
+                        let mut draw =
+                            |p: f64| (0..b * s).map(|_| rng.random::<f64>() < p).collect();
+                        let chosen = LayerDecisions {
+                            attn: draw(keep[index][0]),
+                            mlp: draw(keep[index][1]),
+                        };
+                        decisions.push(chosen.clone());
+                        LayerExec::Skipping(chosen)
+                    },
+                );
+                (logits, decisions)
+            }
+            Decider::Static { dropped } => {
+                let mut decisions = Vec::new();
+                let logits = model.forward_with(
+                    on_device.tokens,
+                    on_device.positions,
+                    on_device.allowed,
+                    &mut |index, hidden| {
+                        let [b, s, _] = hidden.dims();
+                        let chosen = LayerDecisions {
+                            attn: vec![!dropped[index][0]; b * s],
+                            mlp: vec![!dropped[index][1]; b * s],
+                        };
+                        decisions.push(chosen.clone());
+                        LayerExec::Skipping(chosen)
+                    },
+                );
+                (logits, decisions)
+            }
+        };
         let sum: f32 = token_nll_sum(logits, on_device.targets, on_device.selected)
             .into_scalar()
             .elem();
@@ -479,11 +562,59 @@ pub fn evaluate_routed_with_noise<B: Backend>(
     let share = |count: usize| count as f64 / real_tokens.max(1) as f64;
     let keep: Vec<[f64; 2]> = kept.iter().map(|[a, m]| [share(*a), share(*m)]).collect();
     let overall_keep = keep.iter().map(|[a, m]| a + m).sum::<f64>() / (2 * layers.max(1)) as f64;
+    let mean_context = context as f64 / real_tokens.max(1) as f64;
     RoutedEval {
         perplexity: (nll / targets.max(1) as f64).exp(),
+        flops_keep: flops_kept(&model.config, &keep, mean_context),
         keep,
         overall_keep,
     }
+}
+
+/// The decoder layers' matrix-product FLOPs per token that run at keep ratios `keep`, over the
+/// dense model's, for tokens attending to `mean_context` keys on average.
+pub fn flops_kept(config: &LlamaConfig, keep: &[[f64; 2]], mean_context: f64) -> f64 {
+    let h = config.hidden_size as f64;
+    let q = (config.num_attention_heads * config.head_dim) as f64;
+    let kv = (config.num_key_value_heads * config.head_dim) as f64;
+    let i = config.intermediate_size as f64;
+    // What a skipped attention saves: the query and output projections and the scores and
+    // weighted sum over the context; its key and value projections always run.
+    let attention_skippable = 2.0 * h * q * 2.0 + 2.0 * 2.0 * mean_context * q;
+    let attention_fixed = 2.0 * h * kv * 2.0;
+    let mlp = 2.0 * 3.0 * h * i;
+    let dense = (attention_skippable + attention_fixed + mlp) * keep.len() as f64;
+    let ran: f64 = keep
+        .iter()
+        .map(|[a, m]| a * attention_skippable + attention_fixed + m * mlp)
+        .sum();
+    ran / dense.max(f64::MIN_POSITIVE)
+}
+
+/// The static-dropping control: the `count` modules (of `2 x layers`) whose removal raises the
+/// loss on `batches` least, each scored alone (a cheap importance score: one evaluation per
+/// module). `dropped[l] = [attention, MLP]`.
+pub fn least_important_modules<B: Backend>(
+    model: &CausalLm<B>,
+    batches: &[TokenBatch],
+    count: usize,
+) -> Vec<[bool; 2]> {
+    let layers = model.num_layers();
+    let mut scores = Vec::new();
+    for layer in 0..layers {
+        for kind in 0..2 {
+            let mut dropped = vec![[false; 2]; layers];
+            dropped[layer][kind] = true;
+            let eval = evaluate_deciding(model, batches, Decider::Static { dropped: &dropped });
+            scores.push((eval.perplexity, layer, kind));
+        }
+    }
+    scores.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    let mut dropped = vec![[false; 2]; layers];
+    for &(_, layer, kind) in scores.iter().take(count) {
+        dropped[layer][kind] = true;
+    }
+    dropped
 }
 
 /// Stage `router`: fresh routers on the frozen base; exported to `RUN/router/final`.
@@ -643,19 +774,38 @@ pub fn run<B: AutodiffBackend>(
         if train_stage(routed, &stage, &context)?.is_none() {
             return Ok(());
         }
+        // The control for "LoRA only trained longer": the same stage on the dense base.
+        if config.controls {
+            let stage = SftStage {
+                name: "control: lora stage on the dense base",
+                dir: config.run.dir.join("lora-dense"),
+                ..stage
+            };
+            if train_stage(base.clone(), &stage, &context)?.is_none() {
+                return Ok(());
+            }
+        }
     }
     if !trainer::distributed::current_peer().is_leader() {
         return Ok(()); // the leader measures and reports
     }
+    let calibration = batches_in_order(
+        &rows[..CALIBRATION_ROWS.min(rows.len())],
+        config.eval_batch_size,
+        pad_id,
+    );
     report(
         &config,
         &base,
         &router_dir,
         &lora_dir,
-        &eval_batches,
+        (&eval_batches, &calibration),
         &device,
     )
 }
+
+/// Training rows the static-dropping control scores modules on.
+const CALIBRATION_ROWS: usize = 32;
 
 /// Perplexity next to the dense model, keep ratios, the routing map; `RUN/summary.{md,json}`.
 fn report<B: AutodiffBackend>(
@@ -663,14 +813,12 @@ fn report<B: AutodiffBackend>(
     base: &CausalLm<B>,
     router_dir: &Path,
     lora_dir: &Path,
-    eval_batches: &[TokenBatch],
+    (eval_batches, calibration): (&[TokenBatch], &[TokenBatch]),
     device: &B::Device,
 ) -> Result<()> {
     type Eval<B> = <B as AutodiffBackend>::InnerBackend;
-    let mut rows = vec![(
-        "dense".to_string(),
-        evaluate_routed(&without_routers(base.valid()), eval_batches),
-    )];
+    let dense = without_routers(base.valid());
+    let mut rows = vec![("dense".to_string(), evaluate_routed(&dense, eval_batches))];
     for (name, dir) in [("routers", router_dir), ("routers + LoRA", lora_dir)] {
         if dir.join("config.json").exists() {
             let model = config.run.load_model::<Eval<B>>(dir, device)?;
@@ -681,6 +829,35 @@ fn report<B: AutodiffBackend>(
             }
         }
     }
+    let routers = rows
+        .iter()
+        .find(|(n, _)| n == "routers")
+        .map(|(_, e)| e.clone());
+    if let (true, Some(routers)) = (config.controls, routers) {
+        let random = Decider::Random {
+            keep: &routers.keep,
+            seed: config.run.seed,
+        };
+        rows.push((
+            "control: random routing at the routers' keep ratios".to_string(),
+            evaluate_deciding(&dense, eval_batches, random),
+        ));
+        let modules = 2 * dense.num_layers();
+        let count = ((1.0 - routers.overall_keep) * modules as f64).round() as usize;
+        let dropped = least_important_modules(&dense, calibration, count);
+        rows.push((
+            format!("control: static dropping of {count} of {modules} modules"),
+            evaluate_deciding(&dense, eval_batches, Decider::Static { dropped: &dropped }),
+        ));
+        let dense_lora = config.run.dir.join("lora-dense").join("final");
+        if dense_lora.join("config.json").exists() {
+            let model = config.run.load_model::<Eval<B>>(&dense_lora, device)?;
+            rows.push((
+                format!("control: dense + LoRA, {} steps", config.lora.train.steps),
+                evaluate_routed(&model, eval_batches),
+            ));
+        }
+    }
     let routed = match config.router.modules {
         RoutedModules::Both => String::new(),
         modules => format!(
@@ -689,20 +866,25 @@ fn report<B: AutodiffBackend>(
         ),
     };
     let mut table = format!(
-        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity | keep ratio |\n| --- | --- | --- |\n",
+        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity | keep ratio, modules | keep ratio, FLOPs |\n| --- | --- | --- | --- |\n",
         100.0 * config.router.sparsity
     );
     for (name, eval) in &rows {
         table += &format!(
-            "| {name} | {:.3} | {:.1}% |\n",
+            "| {name} | {:.3} | {:.1}% | {:.1}% |\n",
             eval.perplexity,
-            100.0 * eval.overall_keep
+            100.0 * eval.overall_keep,
+            100.0 * eval.flops_keep
         );
     }
+    table += "\nFLOPs: the decoder layers' matrix products per token (a skipped attention still \
+              computes its key and value). Controls run on the dense base without LoRA (random \
+              routing, static dropping of the modules whose removal costs the least loss on \
+              training rows) or train it with the same LoRA stage.\n";
     if let Some((name, last)) = rows
         .iter()
         .rev()
-        .find(|(n, _)| n != "dense" && !n.ends_with("noisy evaluation"))
+        .find(|(n, _)| n.starts_with("routers") && !n.ends_with("noisy evaluation"))
     {
         table += &format!("\nKeep ratio per layer ({name}):\n\n| layer | attention | MLP |\n| --- | --- | --- |\n");
         for (layer, [attn, mlp]) in last.keep.iter().enumerate() {
