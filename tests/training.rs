@@ -581,6 +581,61 @@ fn onpolicy_sft_takes_several_updates_per_rollout_and_resumes_between_them() {
     );
 }
 
+/// `trainer data` writes the built-in tasks in every style, and on-policy SFT trains on the
+/// chain task (five steps over two-digit numbers) from config.
+#[test]
+fn built_in_tasks_are_written_by_the_binary_and_train() {
+    let dir = scratch_dir("data-tasks");
+    let write = |task: &str, style: &str| -> Vec<Value> {
+        let out = dir.join(format!("{task}-{style}.jsonl"));
+        let output = Command::new(trainer_bin())
+            .args([
+                "data", task, "--count", "20", "--style", style, "--seed", "3", "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert_succeeded(&output);
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let direct = write("arithmetic-chain", "direct");
+    let verbose = write("arithmetic-chain", "verbose");
+    assert_eq!(direct.len(), 20);
+    for (d, v) in direct.iter().zip(&verbose) {
+        assert_eq!(d["prompt"], v["prompt"]);
+        let answer = d["response"].as_str().unwrap().trim();
+        assert!(answer.starts_with("#### "), "{answer}");
+        let steps = v["response"].as_str().unwrap();
+        assert!(steps.ends_with(answer), "{steps}");
+        let equations = steps.matches(" = ").count() - steps.matches("Check: ").count();
+        assert_eq!(equations, 5, "{steps}");
+    }
+    let simple = write("arithmetic", "concise");
+    assert_ne!(simple[0]["prompt"], direct[0]["prompt"]);
+    let output = Command::new(trainer_bin())
+        .args(["data", "algebra", "--out"])
+        .arg(dir.join("x.jsonl"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("arithmetic-chain"));
+
+    let run = scratch_dir("onpolicy-chain");
+    run_to_end(onpolicy_command(
+        &run,
+        &[
+            "--set",
+            "task.source=arithmetic-chain",
+            "--set",
+            "train.steps=2",
+        ],
+    ));
+    assert!(run.join("summary.json").exists());
+}
+
 /// A Parquet file as the Hub ships them (pyarrow, Snappy), its columns named by
 /// `data.fields`, trains through the binary; without the mapping the error names the row and
 /// the fields found, and how to map them.

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use datasets::synthetic::{arithmetic_pairs, Style};
+use datasets::synthetic::{task_pairs, Style, Task};
 use datasets::{ChatMessage, TextTokenizer};
 use std::io::Write;
 use std::path::PathBuf;
@@ -215,11 +215,12 @@ struct RecipeCommand {
 
 #[derive(clap::Args)]
 struct DataArgs {
-    /// Task: `arithmetic` (multi-step word problems ending in `#### answer`).
+    /// Task: `arithmetic` (two-step word problems ending in `#### answer`) or
+    /// `arithmetic-chain` (five steps over two-digit numbers: the steps do work).
     task: String,
     #[arg(long, default_value_t = 1000)]
     count: u64,
-    /// concise or verbose
+    /// concise, verbose or direct (the answer alone)
     #[arg(long, default_value = "verbose")]
     style: String,
     #[arg(long, default_value_t = 0)]
@@ -318,16 +319,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config { action } => run_config(action),
         Command::Orchestrator { bind } => trainer::distributed::serve_orchestrator(&bind),
         Command::Data(args) => {
-            if args.task != "arithmetic" {
-                bail!("unknown task `{}` (available: arithmetic)", args.task);
-            }
+            let Some(task) = Task::parse(&args.task) else {
+                bail!(
+                    "unknown task `{}` (available: arithmetic, arithmetic-chain)",
+                    args.task
+                );
+            };
             let style = match args.style.as_str() {
                 "concise" => Style::Concise,
                 "verbose" => Style::Verbose,
-                other => bail!("unknown style `{other}` (concise or verbose)"),
+                "direct" => Style::Direct,
+                other => bail!("unknown style `{other}` (concise, verbose or direct)"),
             };
             trainer::config::ensure_count("--count", args.count)?;
-            let pairs = arithmetic_pairs(args.seed, args.first, args.count, style);
+            let pairs = task_pairs(task, args.seed, args.first, args.count, style);
             datasets::records::write_jsonl(&args.out, &pairs)?;
             println!("wrote {} problems to {}", pairs.len(), args.out.display());
             Ok(())

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use datasets::examples::{prompt_and_response, prompt_tokens};
-use datasets::synthetic::{arithmetic_pairs, arithmetic_problem, plain_prompt, Style};
+use datasets::synthetic::{plain_prompt, task_pairs, task_problem, Style, Task};
 use datasets::{EpochSampler, Template, TextTokenizer, TokenBatch, TokenRow};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -100,7 +100,15 @@ fn ensure_at_least(key: &str, value: usize, min: usize) -> Result<()> {
 pub struct WarmupSection {
     pub count: u64,
     pub max_length: usize,
+    /// The warm-up solutions' style: `verbose` (default), `concise`, or `direct` (answers
+    /// alone: the control for whether the steps do work).
+    #[serde(default = "verbose")]
+    pub style: Style,
     pub train: TrainConfig,
+}
+
+fn verbose() -> Style {
+    Style::Verbose
 }
 
 fn plain() -> Template {
@@ -111,7 +119,7 @@ fn plain() -> Template {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
-    /// `arithmetic` (built in) or a .jsonl file of `{"prompt", "answer"}`.
+    /// `arithmetic` or `arithmetic-chain` (built in) or a .jsonl file of `{"prompt", "answer"}`.
     pub source: String,
     /// Prompts to train on (arithmetic) or the first lines of the file used for training.
     pub train_count: usize,
@@ -186,11 +194,11 @@ fn load_task(
             answer,
         })
     };
-    if task.source == "arithmetic" {
+    if let Some(built_in) = Task::parse(&task.source) {
         let make = |first: u64, count: usize| -> Result<Vec<TaskItem>> {
             (first..first + count as u64)
                 .map(|i| {
-                    let problem = arithmetic_problem(task.seed, i, Style::Concise);
+                    let problem = task_problem(built_in, task.seed, i, Style::Concise);
                     item(plain_prompt(&problem.question), problem.answer.to_string())
                 })
                 .collect()
@@ -337,11 +345,14 @@ fn warm_up<B: AutodiffBackend>(
     config: &OnPolicyConfig,
     resolved: &toml::Table,
 ) -> Result<Option<PathBuf>> {
-    let pairs = arithmetic_pairs(
+    // The built-in task's problems (the simple one when the prompts come from a file).
+    let task = Task::parse(&config.task.source).unwrap_or(Task::Arithmetic);
+    let pairs = task_pairs(
+        task,
         config.task.seed,
         WARMUP_OFFSET,
         warmup.count,
-        Style::Verbose,
+        warmup.style,
     );
     let mut full_rows = Vec::with_capacity(pairs.len());
     for (prompt, response) in &pairs {
