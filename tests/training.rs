@@ -636,6 +636,55 @@ fn built_in_tasks_are_written_by_the_binary_and_train() {
     assert!(run.join("summary.json").exists());
 }
 
+/// Evaluations during training run on dev prompts, the table on test prompts; sampled
+/// accuracy is avg@k with a 95% interval, and sampled lengths stand next to greedy ones.
+#[test]
+fn onpolicy_sft_evaluates_on_dev_during_training_and_reports_test_with_intervals() {
+    let run = scratch_dir("onpolicy-dev-test");
+    run_to_end(onpolicy_command(
+        &run,
+        &[
+            "--set",
+            "task.source=arithmetic",
+            "--set",
+            "task.dev_count=4",
+            "--set",
+            "eval.samples_per_prompt=3",
+        ],
+    ));
+    let lines = trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let base = &lines[0];
+    assert_eq!(base["step"], 0);
+    assert!(base.get("eval_greedy_accuracy").is_some(), "{base}");
+    // eval_every = 3: dev evaluations at steps 3 and 6, none on test.
+    let dev_steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("dev_greedy_accuracy").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(dev_steps, [3, 6]);
+    assert!(lines[1..]
+        .iter()
+        .all(|l| l.get("eval_greedy_accuracy").is_none()));
+
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    for model in ["base", "trained"] {
+        let r = &summary[model];
+        for (value, interval) in [
+            ("greedy_accuracy", "greedy_accuracy_95"),
+            ("sampled_accuracy", "sampled_accuracy_95"),
+        ] {
+            let v = r[value].as_f64().unwrap();
+            let [low, high] = [0, 1].map(|i| r[interval][i].as_f64().unwrap());
+            assert!(low <= v && v <= high, "{model} {value}: {r}");
+        }
+        assert!(r["sampled_mean_length"].as_f64().unwrap() > 0.0);
+    }
+    let table = std::fs::read_to_string(run.join("summary.md")).unwrap();
+    assert!(table.contains("avg@3"), "{table}");
+}
+
 /// A Parquet file as the Hub ships them (pyarrow, Snappy), its columns named by
 /// `data.fields`, trains through the binary; without the mapping the error names the row and
 /// the fields found, and how to map them.

@@ -13,7 +13,9 @@
 //! synthetic task's verbose solutions; otherwise `[model]` names the base.
 
 use crate::common::{prepare_run_dir, ModelSection, RunSection};
-use crate::evaluate::{mean, percentile, sample_and_score, TaskItem};
+use crate::evaluate::{
+    bootstrap_mean_interval, mean, percentile, sample_and_score, wilson_interval, TaskItem,
+};
 use crate::sft::DataReport;
 use crate::stages::{train_stage, SftStage, StageContext};
 use crate::verify::{Verifier, VerifierConfig};
@@ -28,7 +30,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use trainer::config::{ensure_count, ensure_non_negative, ensure_probability, Validate};
 use trainer::generate::GenerationConfig;
@@ -123,8 +125,13 @@ pub struct TaskSection {
     pub source: String,
     /// Prompts to train on (arithmetic) or the first lines of the file used for training.
     pub train_count: usize,
-    /// Held-out prompts for evaluation.
+    /// Held-out test prompts: the base and final evaluations (the table).
     pub eval_count: usize,
+    /// Held-out dev prompts: the evaluations during training (`train.eval_every`), what
+    /// settings are chosen on. Built-in tasks draw them from their own index range; a file's
+    /// come after its test prompts. 0: the periodic evaluations use the test prompts.
+    #[serde(default)]
+    pub dev_count: usize,
     #[serde(default)]
     pub seed: u64,
     #[serde(default = "plain")]
@@ -167,26 +174,50 @@ pub struct EvalSection {
     pub max_new_tokens: usize,
     /// Prompts per generation batch.
     pub batch_size: usize,
+    /// Samples per prompt for the sampled accuracy (avg@k) and sampled lengths.
+    #[serde(default = "one_sample")]
+    pub samples_per_prompt: usize,
+}
+
+fn one_sample() -> usize {
+    1
 }
 
 /// What evaluation measures on the held-out prompts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
     pub greedy_accuracy: f64,
+    /// avg@k: the mean score over `eval.samples_per_prompt` samples of every prompt.
     pub sampled_accuracy: f64,
+    /// Greedy response lengths.
     pub mean_length: f64,
     pub p90_length: f64,
     pub truncated_share: f64,
+    /// 95% intervals: Wilson for greedy, a bootstrap over prompts for avg@k.
+    #[serde(default)]
+    pub greedy_accuracy_95: (f64, f64),
+    #[serde(default)]
+    pub sampled_accuracy_95: (f64, f64),
+    /// Sampled response lengths.
+    #[serde(default)]
+    pub sampled_mean_length: f64,
+    #[serde(default)]
+    pub sampled_p90_length: f64,
 }
 
 /// Index ranges of the synthetic task: train, held-out and warm-up problems never overlap.
 const EVAL_OFFSET: u64 = 1_000_000;
+const DEV_OFFSET: u64 = 1_500_000;
 const WARMUP_OFFSET: u64 = 2_000_000;
 
-fn load_task(
-    task: &TaskSection,
-    tokenizer: &TextTokenizer,
-) -> Result<(Vec<TaskItem>, Vec<TaskItem>)> {
+/// A task's prompts: train, dev (evaluations during training) and test (the table).
+struct TaskSplits {
+    train: Vec<TaskItem>,
+    dev: Vec<TaskItem>,
+    test: Vec<TaskItem>,
+}
+
+fn load_task(task: &TaskSection, tokenizer: &TextTokenizer) -> Result<TaskSplits> {
     let item = |prompt: String, answer: String| -> Result<TaskItem> {
         Ok(TaskItem {
             tokens: prompt_tokens(tokenizer, task.template, &prompt)?,
@@ -195,18 +226,33 @@ fn load_task(
         })
     };
     if let Some(built_in) = Task::parse(&task.source) {
-        let make = |first: u64, count: usize| -> Result<Vec<TaskItem>> {
-            (first..first + count as u64)
-                .map(|i| {
-                    let problem = task_problem(built_in, task.seed, i, Style::Concise);
-                    item(plain_prompt(&problem.question), problem.answer.to_string())
-                })
-                .collect()
+        // Index ranges never overlap, but a small task repeats questions: held-out prompts
+        // skip any question already taken (training ones first, then test, then dev).
+        let mut taken = HashSet::new();
+        let mut make = |first: u64, count: usize, skip_taken: bool| -> Result<Vec<TaskItem>> {
+            let mut items = Vec::with_capacity(count);
+            for index in first.. {
+                if items.len() == count {
+                    break;
+                }
+                if index - first > 100 * count as u64 + 1000 {
+                    bail!(
+                        "task {}: fewer than {count} distinct held-out questions",
+                        task.source
+                    );
+                }
+                let problem = task_problem(built_in, task.seed, index, Style::Concise);
+                let prompt = plain_prompt(&problem.question);
+                if taken.insert(prompt.clone()) || !skip_taken {
+                    items.push(item(prompt, problem.answer.to_string())?);
+                }
+            }
+            Ok(items)
         };
-        return Ok((
-            make(0, task.train_count)?,
-            make(EVAL_OFFSET, task.eval_count)?,
-        ));
+        let train = make(0, task.train_count, false)?;
+        let test = make(EVAL_OFFSET, task.eval_count, true)?;
+        let dev = make(DEV_OFFSET, task.dev_count, true)?;
+        return Ok(TaskSplits { train, dev, test });
     }
     let path = Path::new(&task.source);
     let text = std::fs::read_to_string(path)
@@ -235,16 +281,37 @@ fn load_task(
         };
         items.push(item(parsed.prompt, answer)?);
     }
-    if items.len() < task.train_count + task.eval_count {
+    let needed = task.train_count + task.eval_count + task.dev_count;
+    if items.len() < needed {
         bail!(
-            "{} has {} prompts; task.train_count + task.eval_count = {}",
+            "{} has {} prompts; task.train_count + task.eval_count + task.dev_count = {needed}",
             path.display(),
             items.len(),
-            task.train_count + task.eval_count
         );
     }
-    let eval = items.split_off(task.train_count);
-    Ok((items, eval.into_iter().take(task.eval_count).collect()))
+    let mut held_out = items.split_off(task.train_count);
+    let mut dev = held_out.split_off(task.eval_count);
+    dev.truncate(task.dev_count);
+    // A held-out prompt that is also a training prompt is no test of generalisation.
+    let train_prompts: HashSet<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
+    let leaked = held_out
+        .iter()
+        .chain(&dev)
+        .filter(|i| train_prompts.contains(i.prompt.as_str()))
+        .count();
+    if leaked > 0 {
+        bail!(
+            "{}: {leaked} held-out prompt(s) also appear among the first task.train_count = {} \
+             (training) prompts; remove the duplicates from the file",
+            path.display(),
+            task.train_count
+        );
+    }
+    Ok(TaskSplits {
+        train: items,
+        dev,
+        test: held_out,
+    })
 }
 
 /// Indices of the samples to train on, given `samples_per_prompt` consecutive samples per
@@ -308,20 +375,52 @@ fn evaluate<B: Backend>(
         )
     };
     let greedy = run(SamplingParams::greedy(), "eval greedy")?;
-    let sampled = run(
-        SamplingParams {
-            temperature: config.sampling.temperature,
-            top_p: config.sampling.top_p,
-        },
-        "eval sampled",
-    )?;
+    // k samples of each prompt, the prompt's k copies side by side.
+    let k = config.eval.samples_per_prompt.max(1);
+    let repeated: Vec<&TaskItem> = items
+        .iter()
+        .flat_map(|item| std::iter::repeat_n(item, k))
+        .collect();
+    let sampled = {
+        let generation = GenerationConfig {
+            max_new_tokens: config.eval.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: config.sampling.temperature,
+                top_p: config.sampling.top_p,
+            },
+            seed: config.run.seed ^ 0xE7A1,
+            stop_tokens: stop_tokens.to_vec(),
+            pad_id: tokenizer.pad_id(),
+        };
+        sample_and_score(
+            model,
+            tokenizer,
+            verifier,
+            &repeated,
+            &generation,
+            config.eval.batch_size,
+            Some("eval sampled"),
+        )?
+    };
     let lengths: Vec<usize> = greedy.tokens.iter().map(Vec::len).collect();
+    let sampled_lengths: Vec<usize> = sampled.tokens.iter().map(Vec::len).collect();
+    let correct: f64 = greedy.scores.iter().map(|&s| s as f64).sum();
+    // Each prompt's (sum of its k scores, k): the bootstrap resamples prompts.
+    let per_prompt: Vec<(f64, usize)> = sampled
+        .scores
+        .chunks(k)
+        .map(|scores| (scores.iter().map(|&s| s as f64).sum(), scores.len()))
+        .collect();
     Ok(EvalResult {
-        greedy_accuracy: mean(greedy.scores.iter().map(|&s| s as f64)),
+        greedy_accuracy: correct / items.len().max(1) as f64,
         sampled_accuracy: mean(sampled.scores.iter().map(|&s| s as f64)),
         mean_length: mean(lengths.iter().map(|&l| l as f64)),
         p90_length: percentile(&lengths, 0.9),
         truncated_share: mean(greedy.finished.iter().map(|&f| (!f) as u8 as f64)),
+        greedy_accuracy_95: wilson_interval(correct, items.len()),
+        sampled_accuracy_95: bootstrap_mean_interval(&per_prompt, 1000, config.run.seed),
+        sampled_mean_length: mean(sampled_lengths.iter().map(|&l| l as f64)),
+        sampled_p90_length: percentile(&sampled_lengths, 0.9),
     })
 }
 
@@ -332,6 +431,10 @@ fn eval_scalars(prefix: &str, result: &EvalResult) -> Vec<(String, f64)> {
         (format!("{prefix}mean_length"), result.mean_length),
         (format!("{prefix}p90_length"), result.p90_length),
         (format!("{prefix}truncated_share"), result.truncated_share),
+        (
+            format!("{prefix}sampled_mean_length"),
+            result.sampled_mean_length,
+        ),
     ]
 }
 
@@ -343,17 +446,20 @@ fn warm_up<B: AutodiffBackend>(
     tokenizer_dir: &Path,
     warmup: &WarmupSection,
     config: &OnPolicyConfig,
+    held_out: &HashSet<&str>,
     resolved: &toml::Table,
 ) -> Result<Option<PathBuf>> {
-    // The built-in task's problems (the simple one when the prompts come from a file).
+    // The built-in task's problems (the simple one when the prompts come from a file),
+    // without the questions held out for dev and test.
     let task = Task::parse(&config.task.source).unwrap_or(Task::Arithmetic);
-    let pairs = task_pairs(
+    let mut pairs = task_pairs(
         task,
         config.task.seed,
         WARMUP_OFFSET,
         warmup.count,
         warmup.style,
     );
+    pairs.retain(|(prompt, _)| !held_out.contains(prompt.as_str()));
     let mut full_rows = Vec::with_capacity(pairs.len());
     for (prompt, response) in &pairs {
         let (prompt, answer) =
@@ -392,6 +498,16 @@ pub fn run<B: AutodiffBackend>(
     let seed = config.run.seed;
     let loaded = config.model.load::<B>(&config.run, &device)?;
     let (tokenizer, tokenizer_dir) = (loaded.tokenizer, loaded.tokenizer_dir);
+    let TaskSplits {
+        train: train_items,
+        dev: dev_items,
+        test: eval_items,
+    } = load_task(&config.task, &tokenizer)?;
+    let held_out: HashSet<&str> = eval_items
+        .iter()
+        .chain(&dev_items)
+        .map(|item| item.prompt.as_str())
+        .collect();
     let (model, base_folder) = match &config.warmup {
         Some(warmup) => match warm_up(
             loaded.model,
@@ -399,6 +515,7 @@ pub fn run<B: AutodiffBackend>(
             &tokenizer_dir,
             warmup,
             &config,
+            &held_out,
             resolved,
         )? {
             Some(dir) => (
@@ -417,17 +534,24 @@ pub fn run<B: AutodiffBackend>(
         );
     }
     let verifier = config.verifier.build();
-    let (train_items, eval_items) = load_task(&config.task, &tokenizer)?;
-    let evaluate_now = |trainer: &Trainer<B>| {
+    // The table is on test prompts; the evaluations during training on dev ones (on test
+    // ones only when there are no dev prompts).
+    let periodic_items = if dev_items.is_empty() {
+        &eval_items
+    } else {
+        &dev_items
+    };
+    let evaluate_on = |trainer: &Trainer<B>, items: &[TaskItem]| {
         evaluate(
             &trainer.eval_model(),
             &tokenizer,
             verifier.as_ref(),
-            &eval_items,
+            items,
             &config,
             &stop_tokens,
         )
     };
+    let evaluate_now = |trainer: &Trainer<B>| evaluate_on(trainer, &eval_items);
 
     prepare_run_dir(&config.run.dir, resolved, &tokenizer_dir)?;
     let (mut trainer, saved) = Trainer::start(
@@ -517,8 +641,13 @@ pub fn run<B: AutodiffBackend>(
         }
         let eval_numbers;
         if trainer.should_evaluate() && peer.is_leader() {
-            let result = evaluate_now(&trainer)?;
-            eval_numbers = eval_scalars("eval_", &result);
+            let result = evaluate_on(&trainer, periodic_items)?;
+            let prefix = if dev_items.is_empty() {
+                "eval_"
+            } else {
+                "dev_"
+            };
+            eval_numbers = eval_scalars(prefix, &result);
             scalars.extend(eval_numbers.iter().map(|(k, v)| (k.as_str(), *v)));
         }
         trainer.log(&scalars)?;
@@ -688,29 +817,45 @@ fn write_summary(
     eval_prompts: usize,
     config: &OnPolicyConfig,
 ) -> Result<()> {
-    let table = summary_table(base, trained, eval_prompts);
+    let table = summary_table(
+        base,
+        trained,
+        eval_prompts,
+        config.eval.samples_per_prompt.max(1),
+    );
     println!("{table}");
     let summary = json!({ "base": base, "trained": trained, "eval_prompts": eval_prompts });
     crate::common::write_summary(&config.run.dir, &table, &summary)
 }
 
 /// The base-versus-trained comparison printed at the end and saved as summary.md.
-pub fn summary_table(base: &EvalResult, trained: &EvalResult, prompts: usize) -> String {
+pub fn summary_table(
+    base: &EvalResult,
+    trained: &EvalResult,
+    prompts: usize,
+    samples_per_prompt: usize,
+) -> String {
+    let interval = |(low, high): (f64, f64)| format!("[{:.1}, {:.1}]", 100.0 * low, 100.0 * high);
     let row = |name: &str, r: &EvalResult| {
         format!(
-            "| {name} | {:.1}% | {:.1}% | {:.1} | {:.0} | {:.1}% |\n",
+            "| {name} | {:.1}% {} | {:.1}% {} | {:.1} | {:.0} | {:.1} | {:.0} | {:.1}% |\n",
             100.0 * r.greedy_accuracy,
+            interval(r.greedy_accuracy_95),
             100.0 * r.sampled_accuracy,
+            interval(r.sampled_accuracy_95),
             r.mean_length,
             r.p90_length,
+            r.sampled_mean_length,
+            r.sampled_p90_length,
             100.0 * r.truncated_share
         )
     };
     let change = 100.0 * (trained.mean_length / base.mean_length.max(1e-9) - 1.0);
     format!(
-        "On {prompts} held-out prompts (lengths in tokens, greedy):\n\n\
-         | model | greedy accuracy | sampled accuracy | mean length | p90 length | truncated |\n\
-         | --- | --- | --- | --- | --- | --- |\n{}{}\nmean length {change:+.1}%, greedy accuracy {:+.1} points\n",
+        "On {prompts} held-out test prompts (lengths in tokens; 95% intervals; avg@{samples_per_prompt}: \
+         {samples_per_prompt} samples per prompt):\n\n\
+         | model | greedy accuracy | sampled accuracy, avg@{samples_per_prompt} | greedy mean length | greedy p90 length | sampled mean length | sampled p90 length | greedy truncated |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n{}{}\nmean length {change:+.1}%, greedy accuracy {:+.1} points\n",
         row("base", base),
         row("on-policy SFT", trained),
         100.0 * (trained.greedy_accuracy - base.greedy_accuracy)
@@ -750,6 +895,42 @@ mod tests {
     }
 
     #[test]
+    fn held_out_prompts_never_repeat_training_ones() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/arithmetic-tokenizer");
+        let tokenizer = TextTokenizer::from_folder(&assets).unwrap();
+        let task = TaskSection {
+            source: "arithmetic".into(),
+            train_count: 3000,
+            eval_count: 400,
+            dev_count: 200,
+            seed: 0,
+            template: Template::Plain,
+        };
+        let splits = load_task(&task, &tokenizer).unwrap();
+        let prompts = |items: &[TaskItem]| -> HashSet<String> {
+            items.iter().map(|i| i.prompt.clone()).collect()
+        };
+        let (train, dev, test) = (
+            prompts(&splits.train),
+            prompts(&splits.dev),
+            prompts(&splits.test),
+        );
+        assert_eq!((splits.dev.len(), splits.test.len()), (200, 400));
+        assert_eq!(
+            (dev.len(), test.len()),
+            (200, 400),
+            "no repeats within a split"
+        );
+        assert!(train.is_disjoint(&test) && train.is_disjoint(&dev) && dev.is_disjoint(&test));
+        // The index ranges alone would have repeated training questions in the test split.
+        let raw_repeats = (EVAL_OFFSET..EVAL_OFFSET + 400)
+            .map(|i| plain_prompt(&task_problem(Task::Arithmetic, 0, i, Style::Concise).question))
+            .filter(|p| train.contains(p))
+            .count();
+        assert!(raw_repeats > 0);
+    }
+
+    #[test]
     fn percentiles_and_summary() {
         assert_eq!(percentile(&[5, 1, 4, 2, 3, 6, 7, 8, 9, 10], 0.9), 9.0);
         let base = EvalResult {
@@ -758,13 +939,14 @@ mod tests {
             mean_length: 100.0,
             p90_length: 150.0,
             truncated_share: 0.0,
+            ..EvalResult::default()
         };
         let trained = EvalResult {
             mean_length: 40.0,
             greedy_accuracy: 0.49,
             ..base
         };
-        let table = summary_table(&base, &trained, 200);
+        let table = summary_table(&base, &trained, 200, 4);
         assert!(
             table.contains("mean length -60.0%") && table.contains("-1.0 points"),
             "{table}"
