@@ -685,6 +685,51 @@ fn onpolicy_sft_evaluates_on_dev_during_training_and_reports_test_with_intervals
     assert!(table.contains("avg@3"), "{table}");
 }
 
+/// The offline-SFT control trains on the built-in task's concise references in the same loop,
+/// and `trainer compare` tabulates and plots finished runs side by side.
+#[test]
+fn offline_reference_control_trains_and_runs_compare_side_by_side() {
+    let chain = ["--set", "task.source=arithmetic", "--set", "train.steps=2"];
+    let offline = scratch_dir("onpolicy-offline");
+    let mut settings = chain.to_vec();
+    settings.extend(["--set", "sampling.source=concise-references"]);
+    run_to_end(onpolicy_command(&offline, &settings));
+    let lines = trainer::metrics::read_metrics(&offline.join("metrics.jsonl")).unwrap();
+    let trained: Vec<&Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(trained.len(), 2);
+    assert!(trained
+        .iter()
+        .all(|l| l["reference_mean_length"].as_f64().unwrap() > 3.0));
+    assert!(trained.iter().all(|l| l.get("sample_accuracy").is_none()));
+
+    let on_policy = scratch_dir("onpolicy-compared");
+    run_to_end(onpolicy_command(&on_policy, &chain));
+    let plot = scratch_dir("compare").join("sweep.png");
+    let output = Command::new(trainer_bin())
+        .arg("compare")
+        .args([&on_policy, &offline])
+        .arg("--out")
+        .arg(&plot)
+        .output()
+        .unwrap();
+    assert_succeeded(&output);
+    assert!(image::open(&plot).unwrap().width() > 100);
+    let table = std::fs::read_to_string(plot.with_extension("md")).unwrap();
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert!(rows[0].starts_with("| base |") && rows[2].starts_with("| onpolicy-offline |"));
+
+    // A task file has no references to train on.
+    let output = onpolicy_command(
+        &scratch_dir("onpolicy-offline-file"),
+        &["--set", "sampling.source=concise-references"],
+    )
+    .output()
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("needs a built-in task"));
+}
+
 /// A Parquet file as the Hub ships them (pyarrow, Snappy), its columns named by
 /// `data.fields`, trains through the binary; without the mapping the error names the row and
 /// the fields found, and how to map them.

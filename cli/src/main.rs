@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use datasets::synthetic::{task_pairs, Style, Task};
 use datasets::{ChatMessage, TextTokenizer};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::distributed::Cluster;
@@ -49,6 +49,15 @@ enum Command {
     Chat(ChatArgs),
     /// Draw the curves of RUN_DIR/metrics.jsonl into RUN_DIR/plots/*.png.
     Plot { run_dir: PathBuf },
+    /// Accuracy against response length of finished on-policy SFT runs (their summary.json):
+    /// one table, and a plot with 95% intervals (the base model of the first run as a point).
+    Compare {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The plot to write (the table goes beside it, as .md).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
     Export(ExportArgs),
     /// Convert a GGUF file (llama.cpp) into a Hugging Face folder, dequantizing to `--dtype`.
@@ -340,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Eval(args) => run_eval(args),
         Command::Chat(args) => run_chat(args),
+        Command::Compare { runs, out } => run_compare(&runs, &out),
         Command::Plot { run_dir } => {
             for file in trainer::plot::plot_run(&run_dir)? {
                 println!("{}", file.display());
@@ -653,5 +663,74 @@ fn run_chat(args: ChatArgs) -> Result<()> {
             conversation.push(ChatMessage::new("assistant", reply.trim()));
         }
     });
+    Ok(())
+}
+
+/// `trainer compare`: the test-split numbers of on-policy SFT runs side by side.
+fn run_compare(runs: &[PathBuf], out: &Path) -> Result<()> {
+    use recipes::onpolicy_sft::EvalResult;
+    use trainer::plot::TradeoffPoint;
+    let mut rows: Vec<(String, EvalResult)> = Vec::new();
+    for (index, run) in runs.iter().enumerate() {
+        let path = run.join("summary.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {} (is the run finished?)", path.display()))?;
+        let summary: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let result = |key: &str| -> Result<EvalResult> {
+            serde_json::from_value(summary[key].clone()).with_context(|| {
+                format!(
+                    "{}: no `{key}` evaluation (not an on-policy SFT run?)",
+                    path.display()
+                )
+            })
+        };
+        if index == 0 {
+            rows.push(("base".to_string(), result("base")?));
+        }
+        let name = run.file_name().map_or_else(
+            || run.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        rows.push((name, result("trained")?));
+    }
+    let interval = |(low, high): (f64, f64)| format!("[{:.1}, {:.1}]", 100.0 * low, 100.0 * high);
+    let mut table = String::from(
+        "| run | greedy accuracy (95% CI) | greedy mean length | sampled accuracy (95% CI) | sampled mean length |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for (name, r) in &rows {
+        table += &format!(
+            "| {name} | {:.1}% {} | {:.1} | {:.1}% {} | {:.1} |\n",
+            100.0 * r.greedy_accuracy,
+            interval(r.greedy_accuracy_95),
+            r.mean_length,
+            100.0 * r.sampled_accuracy,
+            interval(r.sampled_accuracy_95),
+            r.sampled_mean_length
+        );
+    }
+    print!("{table}");
+    let points: Vec<TradeoffPoint> = rows
+        .iter()
+        .map(|(name, r)| TradeoffPoint {
+            label: name.clone(),
+            x: r.mean_length,
+            y: 100.0 * r.greedy_accuracy,
+            y_interval: (
+                100.0 * r.greedy_accuracy_95.0,
+                100.0 * r.greedy_accuracy_95.1,
+            ),
+        })
+        .collect();
+    trainer::plot::plot_tradeoff(
+        out,
+        &points,
+        ("greedy mean length (tokens)", "greedy accuracy (%)"),
+        "accuracy against length, test prompts",
+    )?;
+    let table_path = out.with_extension("md");
+    std::fs::write(&table_path, &table)
+        .with_context(|| format!("cannot write {}", table_path.display()))?;
+    println!("{}\n{}", out.display(), table_path.display());
     Ok(())
 }

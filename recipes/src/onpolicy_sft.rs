@@ -161,6 +161,19 @@ pub struct SamplingSection {
     /// counts updates. Fewer when a peer kept fewer responses than this.
     #[serde(default = "one_update")]
     pub updates_per_rollout: usize,
+    /// What the loop trains on: `model` (its own correct samples: on-policy SFT) or
+    /// `concise-references` (the built-in task's concise reference solutions of the same
+    /// prompts: the offline-SFT control, same loop, steps and evaluation).
+    #[serde(default)]
+    pub source: SampleSource,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SampleSource {
+    #[default]
+    Model,
+    ConciseReferences,
 }
 
 fn one_update() -> usize {
@@ -210,11 +223,13 @@ const EVAL_OFFSET: u64 = 1_000_000;
 const DEV_OFFSET: u64 = 1_500_000;
 const WARMUP_OFFSET: u64 = 2_000_000;
 
-/// A task's prompts: train, dev (evaluations during training) and test (the table).
+/// A task's prompts: train, dev (evaluations during training) and test (the table); for a
+/// built-in task also the concise reference solution of each training prompt.
 struct TaskSplits {
     train: Vec<TaskItem>,
     dev: Vec<TaskItem>,
     test: Vec<TaskItem>,
+    train_references: Vec<String>,
 }
 
 fn load_task(task: &TaskSection, tokenizer: &TextTokenizer) -> Result<TaskSplits> {
@@ -252,7 +267,20 @@ fn load_task(task: &TaskSection, tokenizer: &TextTokenizer) -> Result<TaskSplits
         let train = make(0, task.train_count, false)?;
         let test = make(EVAL_OFFSET, task.eval_count, true)?;
         let dev = make(DEV_OFFSET, task.dev_count, true)?;
-        return Ok(TaskSplits { train, dev, test });
+        let train_references = (0..task.train_count as u64)
+            .map(|i| {
+                format!(
+                    " {}",
+                    task_problem(built_in, task.seed, i, Style::Concise).solution
+                )
+            })
+            .collect();
+        return Ok(TaskSplits {
+            train,
+            dev,
+            test,
+            train_references,
+        });
     }
     let path = Path::new(&task.source);
     let text = std::fs::read_to_string(path)
@@ -311,6 +339,7 @@ fn load_task(task: &TaskSection, tokenizer: &TextTokenizer) -> Result<TaskSplits
         train: items,
         dev,
         test: held_out,
+        train_references: Vec::new(),
     })
 }
 
@@ -502,7 +531,33 @@ pub fn run<B: AutodiffBackend>(
         train: train_items,
         dev: dev_items,
         test: eval_items,
+        train_references,
     } = load_task(&config.task, &tokenizer)?;
+    // The offline-SFT control trains on reference solutions, tokenized as the warm-up's are.
+    let references: Vec<Vec<u32>> = match config.sampling.source {
+        SampleSource::Model => Vec::new(),
+        SampleSource::ConciseReferences => {
+            if train_references.is_empty() {
+                bail!(
+                    "sampling.source = \"concise-references\" needs a built-in task \
+                     (task.source = \"arithmetic\" or \"arithmetic-chain\"), which has them"
+                );
+            }
+            train_items
+                .iter()
+                .zip(&train_references)
+                .map(|(item, reference)| {
+                    Ok(prompt_and_response(
+                        &tokenizer,
+                        config.task.template,
+                        &item.prompt,
+                        reference,
+                    )?
+                    .1)
+                })
+                .collect::<Result<_>>()?
+        }
+    };
     let held_out: HashSet<&str> = eval_items
         .iter()
         .chain(&dev_items)
@@ -608,7 +663,7 @@ pub fn run<B: AutodiffBackend>(
             let rollout = rollout(
                 &trainer,
                 &mut prompts,
-                &train_items,
+                (&train_items, &references),
                 &tokenizer,
                 verifier.as_ref(),
                 &stop_tokens,
@@ -681,7 +736,7 @@ struct Rollout {
 fn rollout<B: AutodiffBackend>(
     trainer: &Trainer<B>,
     prompts: &mut EpochSampler,
-    train_items: &[TaskItem],
+    (train_items, references): (&[TaskItem], &[Vec<u32>]),
     tokenizer: &TextTokenizer,
     verifier: &dyn Verifier,
     stop_tokens: &[u32],
@@ -692,6 +747,20 @@ fn rollout<B: AutodiffBackend>(
     let picked = prompts.next_indices(sampling.prompts_per_step);
     let picked = trainer::distributed::shard(&peer, &picked)
         .context("sampling.prompts_per_step must be a multiple of the peer count")?;
+    if sampling.source == SampleSource::ConciseReferences {
+        // The offline control: each prompt's reference solution, no sampling.
+        let responses: Vec<Response> = picked
+            .iter()
+            .map(|&i| (train_items[i].tokens.clone(), references[i].clone()))
+            .collect();
+        let length: usize = responses.iter().map(|(_, r)| r.len()).sum();
+        let totals = trainer.sum_over_peers(&[responses.len() as f64, length as f64])?;
+        return Ok(Rollout {
+            responses,
+            scalars: vec![("reference_mean_length", totals[1] / totals[0].max(1.0))],
+            anyone_kept: totals[0] > 0.0,
+        });
+    }
     let batch: Vec<&TaskItem> = picked
         .iter()
         .flat_map(|&i| std::iter::repeat_n(&train_items[i], sampling.samples_per_prompt))

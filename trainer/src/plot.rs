@@ -158,3 +158,69 @@ pub fn plot_routing_map(path: &Path, keep: &[[f64; 2]], title: &str) -> Result<(
     root.present()?;
     Ok(())
 }
+
+/// A labelled point with a vertical 95% interval, for [`plot_tradeoff`].
+pub struct TradeoffPoint {
+    pub label: String,
+    pub x: f64,
+    pub y: f64,
+    pub y_interval: (f64, f64),
+}
+
+/// Accuracy against length (or any y against x) for several runs: one labelled point each,
+/// with its interval as a vertical bar.
+pub fn plot_tradeoff(
+    path: &Path,
+    points: &[TradeoffPoint],
+    (x_name, y_name): (&str, &str),
+    title: &str,
+) -> Result<()> {
+    register_font();
+    if points.is_empty() {
+        bail!("nothing to plot into {}", path.display());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (x_min, x_max) = bounds(points.iter().map(|p| p.x));
+    let (y_min, y_max) = bounds(
+        points
+            .iter()
+            .flat_map(|p| [p.y_interval.0, p.y_interval.1, p.y]),
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(20)
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(x_min..x_max, y_min..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_name)
+        .y_desc(y_name)
+        .axis_desc_style(("sans-serif", 18))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    chart.draw_series(points.iter().map(|p| {
+        PathElement::new(
+            vec![(p.x, p.y_interval.0), (p.x, p.y_interval.1)],
+            BLUE.stroke_width(2),
+        )
+    }))?;
+    chart.draw_series(
+        points
+            .iter()
+            .map(|p| Circle::new((p.x, p.y), 5, BLUE.filled())),
+    )?;
+    chart.draw_series(points.iter().map(|p| {
+        Text::new(
+            p.label.clone(),
+            (p.x, p.y),
+            ("sans-serif", 14).into_font().color(&BLACK),
+        )
+    }))?;
+    root.present()?;
+    Ok(())
+}
