@@ -79,6 +79,10 @@ impl Validate for OnPolicyConfig {
             "sampling.updates_per_rollout",
             sampling.updates_per_rollout as u64,
         )?;
+        ensure_count(
+            "eval.samples_per_prompt",
+            self.eval.samples_per_prompt as u64,
+        )?;
         ensure_non_negative("sampling.temperature", sampling.temperature as f64)?;
         ensure_probability("sampling.top_p", sampling.top_p as f64)?;
         ensure_count("eval.max_new_tokens", self.eval.max_new_tokens as u64)?;
@@ -384,8 +388,7 @@ fn evaluate<B: Backend>(
     config: &OnPolicyConfig,
     stop_tokens: &[u32],
 ) -> Result<EvalResult> {
-    let prompts: Vec<&TaskItem> = items.iter().collect();
-    let run = |sampling: SamplingParams, label: &str| {
+    let run = |sampling: SamplingParams, prompts: &[&TaskItem], label: &str| {
         let generation = GenerationConfig {
             max_new_tokens: config.eval.max_new_tokens,
             sampling,
@@ -397,40 +400,25 @@ fn evaluate<B: Backend>(
             model,
             tokenizer,
             verifier,
-            &prompts,
+            prompts,
             &generation,
             config.eval.batch_size,
             Some(label),
         )
     };
-    let greedy = run(SamplingParams::greedy(), "eval greedy")?;
+    let prompts: Vec<&TaskItem> = items.iter().collect();
+    let greedy = run(SamplingParams::greedy(), &prompts, "eval greedy")?;
     // k samples of each prompt, the prompt's k copies side by side.
     let k = config.eval.samples_per_prompt.max(1);
     let repeated: Vec<&TaskItem> = items
         .iter()
         .flat_map(|item| std::iter::repeat_n(item, k))
         .collect();
-    let sampled = {
-        let generation = GenerationConfig {
-            max_new_tokens: config.eval.max_new_tokens,
-            sampling: SamplingParams {
-                temperature: config.sampling.temperature,
-                top_p: config.sampling.top_p,
-            },
-            seed: config.run.seed ^ 0xE7A1,
-            stop_tokens: stop_tokens.to_vec(),
-            pad_id: tokenizer.pad_id(),
-        };
-        sample_and_score(
-            model,
-            tokenizer,
-            verifier,
-            &repeated,
-            &generation,
-            config.eval.batch_size,
-            Some("eval sampled"),
-        )?
+    let sampling = SamplingParams {
+        temperature: config.sampling.temperature,
+        top_p: config.sampling.top_p,
     };
+    let sampled = run(sampling, &repeated, "eval sampled")?;
     let lengths: Vec<usize> = greedy.tokens.iter().map(Vec::len).collect();
     let sampled_lengths: Vec<usize> = sampled.tokens.iter().map(Vec::len).collect();
     let correct: f64 = greedy.scores.iter().map(|&s| s as f64).sum();

@@ -508,8 +508,7 @@ pub fn evaluate_deciding<B: Backend>(
                 on_device.allowed,
                 rng.as_mut(),
             ),
-            Decider::Random { keep, .. } => {
-                let rng = rng.as_mut().expect("seeded");
+            fixed => {
                 let mut decisions = Vec::new();
                 let logits = model.forward_with(
                     on_device.tokens,
@@ -517,29 +516,21 @@ pub fn evaluate_deciding<B: Backend>(
                     on_device.allowed,
                     &mut |index, hidden| {
                         let [b, s, _] = hidden.dims();
-                        let mut draw =
-                            |p: f64| (0..b * s).map(|_| rng.random::<f64>() < p).collect();
-                        let chosen = LayerDecisions {
-                            attn: draw(keep[index][0]),
-                            mlp: draw(keep[index][1]),
-                        };
-                        decisions.push(chosen.clone());
-                        LayerExec::Skipping(chosen)
-                    },
-                );
-                (logits, decisions)
-            }
-            Decider::Static { dropped } => {
-                let mut decisions = Vec::new();
-                let logits = model.forward_with(
-                    on_device.tokens,
-                    on_device.positions,
-                    on_device.allowed,
-                    &mut |index, hidden| {
-                        let [b, s, _] = hidden.dims();
-                        let chosen = LayerDecisions {
-                            attn: vec![!dropped[index][0]; b * s],
-                            mlp: vec![!dropped[index][1]; b * s],
+                        let chosen = match fixed {
+                            Decider::Random { keep, .. } => {
+                                let rng = rng.as_mut().expect("seeded");
+                                let mut draw =
+                                    |p: f64| (0..b * s).map(|_| rng.random::<f64>() < p).collect();
+                                LayerDecisions {
+                                    attn: draw(keep[index][0]),
+                                    mlp: draw(keep[index][1]),
+                                }
+                            }
+                            Decider::Static { dropped } => LayerDecisions {
+                                attn: vec![!dropped[index][0]; b * s],
+                                mlp: vec![!dropped[index][1]; b * s],
+                            },
+                            Decider::Routers { .. } => unreachable!("routed above"),
                         };
                         decisions.push(chosen.clone());
                         LayerExec::Skipping(chosen)
