@@ -502,7 +502,11 @@ pub fn run<B: AutodiffBackend>(
             corpus.seq_len,
             corpus.train.display()
         ),
-        (_, Some(data)) => format!("{} records ({})", splits.test.len(), data.train.display()),
+        (_, Some(data)) => format!(
+            "{} records ({})",
+            splits.test.len(),
+            data.eval.as_ref().unwrap_or(&data.train).display()
+        ),
         _ => unreachable!("validated: one of corpus and data"),
     };
     let with_accuracy = verifier.is_some();
