@@ -419,8 +419,14 @@ fn all_stages_run_report_and_export_through_the_binary() {
     assert!(run_dir.join("lora-dense/final/config.json").exists());
     for model in ["dense", "routers + LoRA"] {
         let speed = &summary["speed"][model];
-        assert!(speed["prefill_tokens_per_s"].as_f64().unwrap() > 0.0, "{summary}");
-        assert!(speed["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{summary}");
+        assert!(
+            speed["prefill_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{summary}"
+        );
+        assert!(
+            speed["decode_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{summary}"
+        );
     }
     let routers = summary["routers"]["flops_keep"].as_f64().unwrap();
     assert!(routers > 0.0 && routers <= 1.0);

@@ -656,13 +656,14 @@ fn onpolicy_sft_evaluates_on_dev_during_training_and_reports_test_with_intervals
     let base = &lines[0];
     assert_eq!(base["step"], 0);
     assert!(base.get("eval_greedy_accuracy").is_some(), "{base}");
-    // eval_every = 3: dev evaluations at steps 3 and 6, none on test.
+    // The base on dev at step 0; eval_every = 3: dev evaluations at steps 3 and 6, none on
+    // test after the base.
     let dev_steps: Vec<u64> = lines
         .iter()
         .filter(|l| l.get("dev_greedy_accuracy").is_some())
         .map(|l| l["step"].as_u64().unwrap())
         .collect();
-    assert_eq!(dev_steps, [3, 6]);
+    assert_eq!(dev_steps, [0, 3, 6]);
     assert!(lines[1..]
         .iter()
         .all(|l| l.get("eval_greedy_accuracy").is_none()));

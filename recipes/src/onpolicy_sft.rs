@@ -634,7 +634,11 @@ pub fn run<B: AutodiffBackend>(
                 eval_items.len()
             );
             let base = evaluate_now(&trainer)?;
-            let scalars = eval_scalars("eval_", &base);
+            let mut scalars = eval_scalars("eval_", &base);
+            // The base on dev too, so that settings are compared with it there.
+            if !dev_items.is_empty() {
+                scalars.extend(eval_scalars("dev_", &evaluate_on(&trainer, &dev_items)?));
+            }
             let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             trainer.metrics.log(0, &refs)?;
             println!("base: {base:?}");
