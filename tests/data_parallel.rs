@@ -136,7 +136,9 @@ fn killed_two_peer_run_resumes_to_the_same_end() {
 fn skipgpt_stages_on_two_peers_agree() {
     let run = scratch_dir("dp-skipgpt");
     let output = run_to_end(skipgpt_command(&run, &TWO_CPUS));
-    assert_two_peers_agree(&output, 3); // pre-training, router and LoRA stages
+    // Pre-training, router and LoRA stages, and the dense + LoRA control.
+    assert_two_peers_agree(&output, 4);
+    assert!(run.join("lora-dense/final/config.json").exists());
     assert!(run.join("summary.json").exists() && run.join("lora/final/config.json").exists());
     assert!(!run.join("peers/1/summary.json").exists());
 }
