@@ -12,7 +12,7 @@ import os
 import subprocess
 import tempfile
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from bpe_tokenizer import save_byte_level_bpe
 
 OUT = os.path.join("recipes", "assets", "arithmetic-tokenizer")
 CHATML = (
@@ -37,24 +37,9 @@ def corpus():
 
 
 def main():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(), trainer)
-    os.makedirs(OUT, exist_ok=True)
-    tok.save(os.path.join(OUT, "tokenizer.json"))
-    config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None,
-              "chat_template": CHATML, "tokenizer_class": "PreTrainedTokenizerFast"}
-    with open(os.path.join(OUT, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    print(f"vocabulary {tok.get_vocab_size()} -> {OUT}")
+    save_byte_level_bpe(corpus(), OUT, vocab_size=384,
+                        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                        split_digits=True, chat_template=CHATML)
 
 
 if __name__ == "__main__":

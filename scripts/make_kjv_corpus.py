@@ -16,7 +16,7 @@ import re
 import subprocess
 import tempfile
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from bpe_tokenizer import save_byte_level_bpe
 
 BOOKS = ["Genesis", "Exodus", "Ruth", "Proverbs", "Ecclesiastes"]
 CORPUS = os.path.join("recipes", "data", "kjv-corpus.txt")
@@ -53,20 +53,8 @@ def main():
     with open(CORPUS, "w") as f:
         f.write(text)
     print(f"{len(text)} characters -> {CORPUS}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text.split("\n\n"), trainer)
-    os.makedirs(TOKENIZER, exist_ok=True)
-    tok.save(os.path.join(TOKENIZER, "tokenizer.json"))
-    config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
-    with open(os.path.join(TOKENIZER, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    print(f"vocabulary {tok.get_vocab_size()} -> {TOKENIZER}")
+    save_byte_level_bpe(text.split("\n\n"), TOKENIZER, vocab_size=2048,
+                        specials=["<|endoftext|>"])
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Probe a finished run. `embedlens`: what the visual tokens of a hidrop run's full-token
+    /// model mean to its language model (sink, dead, alive), with removal and injection tests;
+    /// writes RUN/embedlens.md.
+    Probe {
+        /// The probe: `embedlens`.
+        probe: String,
+        #[arg(long)]
+        run: PathBuf,
+        /// Override a key of the run's config (`--set probe.nearest=5`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer).
     Export(ExportArgs),
     /// Convert a GGUF file (llama.cpp) into a Hugging Face folder, dequantizing to `--dtype`.
@@ -224,8 +236,9 @@ struct RecipeCommand {
 
 #[derive(clap::Args)]
 struct DataArgs {
-    /// Task: `arithmetic` (two-step word problems ending in `#### answer`) or
-    /// `arithmetic-chain` (five steps over two-digit numbers: the steps do work).
+    /// Task: `arithmetic` (two-step word problems ending in `#### answer`),
+    /// `arithmetic-chain` (five steps over two-digit numbers: the steps do work), or `shapes`
+    /// (visual questions about rendered shapes: OUT is a folder of PNGs and questions.jsonl).
     task: String,
     #[arg(long, default_value_t = 1000)]
     count: u64,
@@ -327,10 +340,18 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Config { action } => run_config(action),
         Command::Orchestrator { bind } => trainer::distributed::serve_orchestrator(&bind),
+        Command::Data(args) if args.task == "shapes" => {
+            trainer::config::ensure_count("--count", args.count)?;
+            let task = datasets::shapes::ShapesTask::default();
+            let records = task.records(args.seed, args.count as usize, &Default::default())?;
+            let path = datasets::shapes::write_vqa_folder(&records, &args.out)?;
+            println!("wrote {} questions to {}", records.len(), path.display());
+            Ok(())
+        }
         Command::Data(args) => {
             let Some(task) = Task::parse(&args.task) else {
                 bail!(
-                    "unknown task `{}` (available: arithmetic, arithmetic-chain)",
+                    "unknown task `{}` (available: arithmetic, arithmetic-chain, shapes)",
                     args.task
                 );
             };
@@ -346,6 +367,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} problems to {}", pairs.len(), args.out.display());
             Ok(())
         }
+        Command::Probe {
+            probe,
+            run,
+            overrides,
+        } => match probe.as_str() {
+            "embedlens" => {
+                println!("{}", recipes::embedlens::probe_run(&run, &overrides)?);
+                Ok(())
+            }
+            other => bail!("unknown probe `{other}` (available: embedlens)"),
+        },
         Command::Generate(args) => run_generate(args),
         Command::Eval(args) => run_eval(args),
         Command::Chat(args) => run_chat(args),

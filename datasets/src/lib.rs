@@ -5,6 +5,7 @@ pub mod examples;
 pub mod records;
 pub mod sampler;
 pub mod series;
+pub mod shapes;
 pub mod synthetic;
 pub mod tokenizer;
 

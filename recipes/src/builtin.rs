@@ -28,6 +28,7 @@ macro_rules! shipped {
 
 /// The default configs, `recipes/configs/RECIPE/NAME.toml`, known as `RECIPE/NAME`.
 pub const CONFIGS: &[Shipped] = shipped![
+    "configs/hidrop/tiny.toml",
     "configs/layer-dominance/arithmetic.toml",
     "configs/layer-dominance/smollm2-135m.toml",
     "configs/layer-dominance/text.toml",
@@ -48,6 +49,8 @@ pub const ASSETS: &[Shipped] = shipped![
     "assets/arithmetic-tokenizer/tokenizer_config.json",
     "assets/kjv-tokenizer/tokenizer.json",
     "assets/kjv-tokenizer/tokenizer_config.json",
+    "assets/shapes-tokenizer/tokenizer.json",
+    "assets/shapes-tokenizer/tokenizer_config.json",
     "data/arithmetic-verbose.jsonl",
     "data/kjv-corpus.txt",
     "data/series/airline-passengers.csv",

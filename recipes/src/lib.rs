@@ -4,7 +4,9 @@
 
 pub mod builtin;
 pub mod common;
+pub mod embedlens;
 pub mod evaluate;
+pub mod hidrop;
 pub mod layer_dominance;
 pub mod llm4tsf;
 pub mod onpolicy_sft;
@@ -12,6 +14,7 @@ pub mod sft;
 pub mod skipgpt;
 pub mod stages;
 pub mod verify;
+pub mod vision_lm;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
@@ -102,6 +105,12 @@ pub struct RecipeInfo {
 
 /// Every recipe this build can run.
 pub const ALL: &[RecipeInfo] = &[
+    RecipeInfo {
+        name: "hidrop",
+        summary: "vision-language training with visual tokens injected late, pruned across layers by a differentiable top-k and dropped at an early exit; full-token baseline, controls and the EmbedLens probe beside it",
+        default_config: "hidrop/tiny",
+        run: launch::<hidrop::HidropConfig>,
+    },
     RecipeInfo {
         name: "layer-dominance",
         summary: "few-layer dominance: score each layer by how much it changes the representation, keep the top ones, fine-tune briefly, compare",
@@ -214,6 +223,7 @@ macro_rules! single_stage_recipe {
 single_stage_recipe!(sft::SftConfig, "sft", sft);
 single_stage_recipe!(onpolicy_sft::OnPolicyConfig, "onpolicy-sft", onpolicy_sft);
 single_stage_recipe!(llm4tsf::Llm4tsfConfig, "llm4tsf", llm4tsf);
+single_stage_recipe!(hidrop::HidropConfig, "hidrop", hidrop);
 single_stage_recipe!(
     layer_dominance::LayerDominanceConfig,
     "layer-dominance",

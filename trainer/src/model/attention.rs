@@ -184,6 +184,24 @@ impl<B: Backend> Context<B> {
         (context, hidden)
     }
 
+    /// Contexts side by side along the sequence (attention follows position ids, not the order
+    /// of rows, so any order gives the same result).
+    pub fn cat(parts: &[&Context<B>]) -> Self {
+        for part in parts {
+            part.assert_editable();
+        }
+        Self {
+            tokens: TokenSlots::cat(parts.iter().map(|p| p.tokens.clone()).collect()),
+            rope: RopeTables {
+                cos: Tensor::cat(parts.iter().map(|p| p.rope.cos.clone()).collect(), 2),
+                sin: Tensor::cat(parts.iter().map(|p| p.rope.sin.clone()).collect(), 2),
+            },
+            allowed: None,
+            bias: None,
+            return_probs: parts.iter().any(|p| p.return_probs),
+        }
+    }
+
     /// Puts `rows` (with their hidden states `row_hidden`) back among this context's rows:
     /// every row of the result is ordered by position id, so tokens return to their place.
     pub fn insert(
@@ -408,6 +426,28 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2)
             .reshape([batch, n, self.num_heads * self.head_dim]);
         (self.o_proj.forward(out), probs)
+    }
+
+    /// The attention probabilities `[batch, heads, queries, keys]` of the rows `queries: [batch,
+    /// q]` (indices into `x`) over every row of `x: [batch, n, hidden]` in `context`, as this
+    /// layer would compute them (what token pruning scores tokens by).
+    pub fn probabilities_of(
+        &self,
+        x: Tensor<B, 3>,
+        context: &Context<B>,
+        queries: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 4> {
+        let (query_context, query_x) = context.select(x.clone(), queries);
+        let keys = context
+            .rope
+            .apply(self.split_heads(self.k_proj.forward(x), self.num_kv_heads));
+        let q = query_context
+            .rope
+            .apply(self.split_heads(self.q_proj.forward(query_x), self.num_heads));
+        let blocked = query_context.tokens.may_see(&context.tokens).bool_not();
+        // The values do not change the probabilities: the keys stand in for them.
+        let (_, probs) = grouped_attention(q, keys.clone(), keys, blocked, None, true);
+        probs.expect("asked for probabilities")
     }
 
     /// Every row of `x` attends: the dense case of [`keys`](Self::keys) + [`attend`](Self::attend).
