@@ -373,7 +373,7 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => match probe.as_str() {
             "embedlens" => {
-                println!("{}", recipes::embedlens::probe_run(&run, &overrides)?);
+                println!("{}", recipes::hidrop::probe_run(&run, &overrides)?);
                 Ok(())
             }
             other => bail!("unknown probe `{other}` (available: embedlens)"),

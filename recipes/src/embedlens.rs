@@ -11,11 +11,12 @@
 //!    same number of random alive tokens removed from each image; and every visual token
 //!    injected at layer L instead of 0 (text keeps its positions).
 //!
-//! `trainer probe embedlens --run RUN` runs it on a finished hidrop run's full-token model;
-//! the hidrop recipe runs it at its end.
+//! The hidrop recipe runs it at its end, and `trainer probe embedlens --run RUN` on a finished
+//! hidrop run's full-token model ([`crate::hidrop::probe_run`]).
 
-use crate::hidrop::{load_final, prepare, HidropConfig, Prepared, Variant};
-use crate::vision_lm::{correctness, Accuracy, VisionLanguageModel, VisualSchedule, VqaBatch};
+use crate::vision_lm::{
+    correctness, Accuracy, Prepared, VisionLanguageModel, VisualSchedule, VqaBatch,
+};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use rand::rngs::StdRng;
@@ -400,44 +401,6 @@ pub fn probe<B: Backend>(
         removals,
         injections,
     })
-}
-
-/// `trainer probe embedlens --run RUN`: the probe on a finished hidrop run's full-token model,
-/// with the run's own config (`RUN/config.toml`) and `overrides` (`probe.nearest=5`).
-pub fn probe_run(run_dir: &Path, overrides: &[String]) -> Result<String> {
-    let config_path = run_dir.join(trainer::run_dir::CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).with_context(|| {
-        format!(
-            "cannot read {} (is {} a hidrop run?)",
-            config_path.display(),
-            run_dir.display()
-        )
-    })?;
-    let table =
-        trainer::config::parse_config(&text, &config_path.display().to_string(), overrides)?;
-    let mut config: HidropConfig =
-        trainer::config::checked(&table, &config_path.display().to_string())?;
-    let tokenizer_dir = run_dir.join(trainer::export::RUN_TOKENIZER_DIR);
-    config.model.tokenizer = Some(tokenizer_dir.clone());
-    let final_dir = run_dir.join(Variant::Full.name()).join("final");
-    if !final_dir.join("model.safetensors").exists() {
-        bail!(
-            "{} has no trained full-token model ({}): run `trainer recipe hidrop` with variant `full` first",
-            run_dir.display(),
-            final_dir.display()
-        );
-    }
-    let device = Default::default();
-    let model = load_final::<trainer::Cpu>(&config, &final_dir, &device)?;
-    let data = prepare(&config, tokenizer_dir)?;
-    let report = probe(&model, &data, &config.probe, config.eval.batch_size)?;
-    let table = report.table();
-    checkpoints::atomic::write_file(&run_dir.join("embedlens.md"), table.as_bytes())?;
-    checkpoints::atomic::write_file(
-        &run_dir.join("embedlens.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    Ok(table)
 }
 
 #[cfg(test)]

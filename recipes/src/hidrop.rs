@@ -20,8 +20,8 @@
 use crate::common::{prepare_run_dir, resume_sampler, write_summary, ModelSection, RunSection};
 use crate::embedlens::{self, ProbeSection};
 use crate::vision_lm::{
-    correctness, tokenize, Accuracy, Selection, VisionLanguageModel, VisualSchedule, VqaBatch,
-    VqaExample,
+    correctness, tokenize, Accuracy, Prepared, Selection, VisionLanguageModel, VisualSchedule,
+    VqaBatch, VqaExample,
 };
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
@@ -294,17 +294,6 @@ pub fn load_splits(data: &VqaData, image_size: usize, seed: u64) -> Result<Split
             task.image_size, task.image_size, task.grid, task.grid, task.max_objects
         ),
     })
-}
-
-/// The tokenized splits and what every model needs to read them.
-pub struct Prepared {
-    pub tokenizer: TextTokenizer,
-    pub tokenizer_dir: PathBuf,
-    pub train: Vec<VqaExample>,
-    pub dev: Vec<VqaExample>,
-    pub test: Vec<VqaExample>,
-    pub pad_id: u32,
-    pub source: String,
 }
 
 pub fn prepare(config: &HidropConfig, tokenizer_dir: PathBuf) -> Result<Prepared> {
@@ -734,4 +723,42 @@ fn summary_table(
         );
     }
     table
+}
+
+/// `trainer probe embedlens --run RUN`: the probe on a finished hidrop run's full-token model,
+/// with the run's own config (`RUN/config.toml`) and `overrides` (`probe.nearest=5`).
+pub fn probe_run(run_dir: &Path, overrides: &[String]) -> Result<String> {
+    let config_path = run_dir.join(trainer::run_dir::CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "cannot read {} (is {} a hidrop run?)",
+            config_path.display(),
+            run_dir.display()
+        )
+    })?;
+    let table =
+        trainer::config::parse_config(&text, &config_path.display().to_string(), overrides)?;
+    let mut config: HidropConfig =
+        trainer::config::checked(&table, &config_path.display().to_string())?;
+    let tokenizer_dir = run_dir.join(trainer::export::RUN_TOKENIZER_DIR);
+    config.model.tokenizer = Some(tokenizer_dir.clone());
+    let final_dir = run_dir.join(Variant::Full.name()).join("final");
+    if !final_dir.join("model.safetensors").exists() {
+        bail!(
+            "{} has no trained full-token model ({}): run `trainer recipe hidrop` with variant `full` first",
+            run_dir.display(),
+            final_dir.display()
+        );
+    }
+    let device = Default::default();
+    let model = load_final::<trainer::Cpu>(&config, &final_dir, &device)?;
+    let data = prepare(&config, tokenizer_dir)?;
+    let report = embedlens::probe(&model, &data, &config.probe, config.eval.batch_size)?;
+    let table = report.table();
+    checkpoints::atomic::write_file(&run_dir.join("embedlens.md"), table.as_bytes())?;
+    checkpoints::atomic::write_file(
+        &run_dir.join("embedlens.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(table)
 }

@@ -21,6 +21,7 @@ use datasets::shapes::{VqaRecord, IMAGE_PLACEHOLDER};
 use datasets::TextTokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use trainer::loss::token_nll_sum;
 use trainer::model::init::ParamInit;
 use trainer::model::llama::{Context, KvAccess, LayerExec, TokenSlots};
@@ -71,6 +72,17 @@ pub fn tokenize(
             })
         })
         .collect()
+}
+
+/// The tokenized splits and what every model needs to read them.
+pub struct Prepared {
+    pub tokenizer: TextTokenizer,
+    pub tokenizer_dir: PathBuf,
+    pub train: Vec<VqaExample>,
+    pub dev: Vec<VqaExample>,
+    pub test: Vec<VqaExample>,
+    pub pad_id: u32,
+    pub source: String,
 }
 
 /// A padded batch of questions: text tokens (right-padded) at their positions in the full
