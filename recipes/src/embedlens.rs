@@ -17,14 +17,13 @@
 use crate::vision_lm::{
     correctness, Accuracy, Prepared, VisionLanguageModel, VisualSchedule, VqaBatch,
 };
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::path::Path;
 use trainer::config::{ensure_count, Validate};
 
 fn yes() -> bool {

@@ -710,7 +710,7 @@ fn summary_table(
     if let (Some(f), Some(hd)) = (full, results.iter().find(|r| r.variant == Variant::Hidrop)) {
         let met = |ok: bool| if ok { "met" } else { "NOT met" };
         let share_ok = hd.kept_share < 0.12;
-        let accuracy_ok = hd.test.accuracy >= 0.97 * f.test.accuracy;
+        let accuracy_ok = f.test.accuracy > 0.0 && hd.test.accuracy >= 0.97 * f.test.accuracy;
         let speed = f.train_step_ms / hd.train_step_ms;
         table += &format!(
             "\nTargets: under 12% of visual tokens kept ({:.1}%: {}); at least 97% of the full model's \
