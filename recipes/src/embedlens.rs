@@ -259,15 +259,7 @@ pub fn probe<B: Backend>(
     let patches = model.num_patches();
     let size = model.vision_tower.config.image_size;
     let dim = model.language_model.config.hidden_size;
-    let embeddings: Vec<f32> = model
-        .language_model
-        .model
-        .embed_tokens
-        .weight
-        .val()
-        .into_data()
-        .convert::<f32>()
-        .to_vec()?;
+    let embeddings = model.language_model.embedding_matrix();
     let mut tokens = Vec::with_capacity(data.test.len() * patches * dim);
     for chunk in data.test.chunks(batch_size.max(1)) {
         let refs: Vec<_> = chunk.iter().collect();

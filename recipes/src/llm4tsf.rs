@@ -478,15 +478,7 @@ fn build_forecaster<B: Backend>(
                     s.heads
                 );
             }
-            let embeddings: Vec<f32> = backbone
-                .model
-                .embed_tokens
-                .weight
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .expect("f32");
+            let embeddings = backbone.embedding_matrix();
             let directions = principal_directions(&embeddings, d_model, s.dictionary_size);
             let entries = directions.len();
             let flat: Vec<f32> = directions.into_iter().flatten().collect();

@@ -348,6 +348,19 @@ impl<B: Backend> CausalLm<B> {
         self.model.embed_tokens.forward(tokens)
     }
 
+    /// The input embedding matrix on the host, `[vocab, hidden]` row-major (what probes of the
+    /// embedding space read).
+    pub fn embedding_matrix(&self) -> Vec<f32> {
+        self.model
+            .embed_tokens
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 values")
+    }
+
     /// The context of tokens at `slots` (rotary tables from this model's config).
     pub fn context(&self, slots: TokenSlots<B>) -> Context<B> {
         Context::new(&self.rope, slots)
