@@ -237,14 +237,19 @@ struct RecipeCommand {
 #[derive(clap::Args)]
 struct DataArgs {
     /// Task: `arithmetic` (two-step word problems ending in `#### answer`),
-    /// `arithmetic-chain` (five steps over two-digit numbers: the steps do work), or `shapes`
-    /// (visual questions about rendered shapes: OUT is a folder of PNGs and questions.jsonl).
+    /// `arithmetic-chain` (five steps over two-digit numbers: the steps do work), `shapes`
+    /// (visual questions about rendered shapes: OUT is a folder of PNGs and questions.jsonl),
+    /// or `stream` (frame streams with observations and a question: OUT holds streams.jsonl,
+    /// and frames/ with `--frames images`).
     task: String,
     #[arg(long, default_value_t = 1000)]
     count: u64,
     /// concise, verbose or direct (the answer alone)
     #[arg(long, default_value = "verbose")]
     style: String,
+    /// `stream` only: frames as `features` (vectors in the JSONL) or `images` (PNG files).
+    #[arg(long, default_value = "features")]
+    frames: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Index of the first problem (disjoint ranges give disjoint sets).
@@ -348,10 +353,32 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {} questions to {}", records.len(), path.display());
             Ok(())
         }
+        Command::Data(args) if args.task == "stream" => {
+            use datasets::stream::{write_stream_folder, FrameKind, StreamTask};
+            trainer::config::ensure_count("--count", args.count)?;
+            let frames = match args.frames.as_str() {
+                "features" => FrameKind::Features,
+                "images" => FrameKind::Images,
+                other => bail!("unknown --frames `{other}` (features or images)"),
+            };
+            let task = StreamTask {
+                frames,
+                ..StreamTask::default()
+            };
+            let records = task.records(args.seed, args.count as usize, &Default::default())?;
+            let path = write_stream_folder(&records, task.format(), &args.out)?;
+            println!(
+                "wrote {} streams to {} (frames: {})",
+                records.len(),
+                path.display(),
+                serde_json::to_string(&task.format())?
+            );
+            Ok(())
+        }
         Command::Data(args) => {
             let Some(task) = Task::parse(&args.task) else {
                 bail!(
-                    "unknown task `{}` (available: arithmetic, arithmetic-chain, shapes)",
+                    "unknown task `{}` (available: arithmetic, arithmetic-chain, shapes, stream)",
                     args.task
                 );
             };

@@ -6,6 +6,7 @@ pub mod records;
 pub mod sampler;
 pub mod series;
 pub mod shapes;
+pub mod stream;
 pub mod synthetic;
 pub mod tokenizer;
 

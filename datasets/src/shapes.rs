@@ -34,7 +34,7 @@ impl Image {
         }
     }
 
-    fn set(&mut self, x: usize, y: usize, rgb: [f32; 3]) {
+    pub(crate) fn set(&mut self, x: usize, y: usize, rgb: [f32; 3]) {
         let plane = self.size * self.size;
         for (c, value) in rgb.into_iter().enumerate() {
             self.pixels[c * plane + y * self.size + x] = value;
@@ -102,7 +102,7 @@ enum Shape {
 }
 
 const SHAPES: [Shape; 4] = [Shape::Square, Shape::Circle, Shape::Triangle, Shape::Cross];
-const COLOURS: [(&str, [f32; 3]); 5] = [
+pub(crate) const COLOURS: [(&str, [f32; 3]); 5] = [
     ("red", [0.9, 0.1, 0.1]),
     ("green", [0.1, 0.8, 0.2]),
     ("blue", [0.15, 0.3, 0.95]),

@@ -41,6 +41,7 @@ pub const CONFIGS: &[Shipped] = shipped![
     "configs/sft/tiny.toml",
     "configs/skipgpt/smollm2-135m.toml",
     "configs/skipgpt/tiny.toml",
+    "configs/tays/tiny.toml",
 ];
 
 /// The files the configs name.
@@ -51,6 +52,8 @@ pub const ASSETS: &[Shipped] = shipped![
     "assets/kjv-tokenizer/tokenizer_config.json",
     "assets/shapes-tokenizer/tokenizer.json",
     "assets/shapes-tokenizer/tokenizer_config.json",
+    "assets/stream-tokenizer/tokenizer.json",
+    "assets/stream-tokenizer/tokenizer_config.json",
     "data/arithmetic-verbose.jsonl",
     "data/kjv-corpus.txt",
     "data/series/airline-passengers.csv",

@@ -214,3 +214,48 @@ pub fn write_summary(run_dir: &Path, table: &str, numbers: &serde_json::Value) -
         serde_json::to_string_pretty(numbers)?.as_bytes(),
     )
 }
+
+/// Loads `folder/model.safetensors` (a whole model a recipe exported) into `fresh`, a model of
+/// the same shape; a tensor the model does not use is an error.
+pub fn load_exported<B: Backend, M: burn::module::Module<B>>(fresh: M, folder: &Path) -> Result<M> {
+    let path = folder.join("model.safetensors");
+    let source = checkpoints::WeightSource::open(std::slice::from_ref(&path))
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let (model, unused) = trainer::weights::load_from_source(fresh, &source)?;
+    if !unused.is_empty() {
+        bail!(
+            "{} holds tensors this model does not use: {}",
+            path.display(),
+            unused.join(", ")
+        );
+    }
+    Ok(model)
+}
+
+/// Exports a model built around a language model to `out/`: the whole model
+/// (`model.safetensors` and `config.json` = `config`) and the language model alone as a
+/// Hugging Face folder (`language_model/`, with the tokenizer).
+pub fn export_with_language_model<B: Backend, M: burn::module::Module<B>>(
+    model: &M,
+    config: &serde_json::Value,
+    language_model: &CausalLm<B>,
+    out: &Path,
+    tokenizer_dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    checkpoints::write_safetensors(
+        &out.join("model.safetensors"),
+        &trainer::weights::named_tensors(model),
+        checkpoints::StoreDtype::F32,
+        None,
+    )?;
+    checkpoints::atomic::write_file(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(config)?.as_bytes(),
+    )?;
+    language_model.save(
+        &out.join("language_model"),
+        checkpoints::StoreDtype::F32,
+        Some(tokenizer_dir),
+    )
+}

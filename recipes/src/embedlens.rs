@@ -14,9 +14,8 @@
 //! The hidrop recipe runs it at its end, and `trainer probe embedlens --run RUN` on a finished
 //! hidrop run's full-token model ([`crate::hidrop::probe_run`]).
 
-use crate::vision_lm::{
-    correctness, Accuracy, Prepared, VisionLanguageModel, VisualSchedule, VqaBatch,
-};
+use crate::evaluate::Accuracy;
+use crate::vision_lm::{correctness, Prepared, VisionLanguageModel, VisualSchedule, VqaBatch};
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use rand::rngs::StdRng;

@@ -5,6 +5,7 @@ use crate::verify::{Judged, Verifier};
 use anyhow::Result;
 use burn::prelude::*;
 use datasets::TextTokenizer;
+use serde::Serialize;
 use std::time::Instant;
 use trainer::generate::{generate, GenerationConfig};
 use trainer::progress::Progress;
@@ -117,6 +118,17 @@ pub fn percentile(values: &[usize], p: f64) -> f64 {
     sorted[rank - 1] as f64
 }
 
+/// The middle value (the mean of the two middle ones for an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 pub fn mean(values: impl Iterator<Item = f64>) -> f64 {
     let (sum, count) = values.fold((0.0, 0usize), |(s, c), v| (s + v, c + 1));
     sum / count.max(1) as f64
@@ -133,6 +145,37 @@ pub fn wilson_interval(successes: f64, n: usize) -> (f64, f64) {
     let centre = (share + z * z / (2.0 * n)) / (1.0 + z * z / n);
     let half = z / (1.0 + z * z / n) * (share * (1.0 - share) / n + z * z / (4.0 * n * n)).sqrt();
     ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// Accuracy on held-out items with its 95% Wilson interval.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Accuracy {
+    pub correct: usize,
+    pub total: usize,
+    pub accuracy: f64,
+    pub interval_95: (f64, f64),
+}
+
+impl Accuracy {
+    pub fn of(correct: &[bool]) -> Self {
+        let hits = correct.iter().filter(|&&c| c).count();
+        Self {
+            correct: hits,
+            total: correct.len(),
+            accuracy: hits as f64 / correct.len().max(1) as f64,
+            interval_95: wilson_interval(hits as f64, correct.len()),
+        }
+    }
+
+    /// `83.0% [79.1, 86.4]`
+    pub fn cell(&self) -> String {
+        format!(
+            "{:.1}% [{:.1}, {:.1}]",
+            100.0 * self.accuracy,
+            100.0 * self.interval_95.0,
+            100.0 * self.interval_95.1
+        )
+    }
 }
 
 /// A 95% percentile-bootstrap interval for the perplexity of records given as (summed NLL,

@@ -17,11 +17,15 @@
 //! training-step and prefill times measured in the same run, interleaved. The EmbedLens probe
 //! ([`crate::embedlens`]) then runs on the full-token model.
 
-use crate::common::{prepare_run_dir, resume_sampler, write_summary, ModelSection, RunSection};
+use crate::common::{
+    export_with_language_model, load_exported, prepare_run_dir, resume_sampler, write_summary,
+    ModelSection, RunSection,
+};
 use crate::embedlens::{self, ProbeSection};
+use crate::evaluate::{median, Accuracy};
 use crate::vision_lm::{
-    correctness, tokenize, Accuracy, Prepared, Selection, VisionLanguageModel, VisualSchedule,
-    VqaBatch, VqaExample,
+    correctness, tokenize, Prepared, Selection, VisionLanguageModel, VisualSchedule, VqaBatch,
+    VqaExample,
 };
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
@@ -334,50 +338,21 @@ pub fn load_final<B: Backend>(
     folder: &Path,
     device: &B::Device,
 ) -> Result<VisionLanguageModel<B>> {
-    let path = folder.join("model.safetensors");
-    let source = checkpoints::WeightSource::open(std::slice::from_ref(&path))
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    let (model, unused) =
-        trainer::weights::load_from_source(fresh_model::<B>(config, device)?, &source)?;
-    if !unused.is_empty() {
-        bail!(
-            "{} holds tensors this model does not use: {}",
-            path.display(),
-            unused.join(", ")
-        );
-    }
-    Ok(model)
+    load_exported(fresh_model::<B>(config, device)?, folder)
 }
 
-/// `final/`: the whole model (`model.safetensors`, `config.json`) and the language model as
-/// a Hugging Face folder (`language_model/`, with the tokenizer).
+/// `final/`: the whole model and the language model as a Hugging Face folder.
 fn export<B: Backend>(
     model: &VisionLanguageModel<B>,
     out: &Path,
     tokenizer_dir: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(out)?;
-    let tensors = trainer::weights::named_tensors(model);
-    checkpoints::write_safetensors(
-        &out.join("model.safetensors"),
-        &tensors,
-        checkpoints::StoreDtype::F32,
-        None,
-    )?;
     let config = json!({
         "model_type": "llava",
         "vision_config": model.vision_tower.config,
         "text_config": model.language_model.config.to_json(),
     });
-    checkpoints::atomic::write_file(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
-    model.language_model.save(
-        &out.join("language_model"),
-        checkpoints::StoreDtype::F32,
-        Some(tokenizer_dir),
-    )
+    export_with_language_model(model, &config, &model.language_model, out, tokenizer_dir)
 }
 
 /// Trains one variant in `dir` (resumable) and exports it to `dir/final`; reuses an existing
@@ -533,16 +508,6 @@ fn measure_times<B: AutodiffBackend>(
 fn train_batch_targets(batch: &VqaBatch) -> usize {
     use trainer::train::MicroBatch;
     batch.num_targets()
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 pub fn run<B: AutodiffBackend>(

@@ -13,6 +13,9 @@ pub mod onpolicy_sft;
 pub mod sft;
 pub mod skipgpt;
 pub mod stages;
+pub mod stream_engine;
+pub mod streaming;
+pub mod tays;
 pub mod verify;
 pub mod vision_lm;
 
@@ -136,6 +139,12 @@ pub const ALL: &[RecipeInfo] = &[
         run: launch::<skipgpt::SkipGptConfig>,
     },
     RecipeInfo {
+        name: "tays",
+        summary: "think as you see: reasoning units written while video frames arrive (streaming mask, decoupled positions), against batch and interleaved baselines; stream-parallel inference with frame and text caches, and the four position schemes",
+        default_config: "tays/tiny",
+        run: launch::<tays::TaysConfig>,
+    },
+    RecipeInfo {
         name: "sft",
         summary: "supervised fine-tuning on prompt/response or chat records (full or LoRA)",
         default_config: "sft/tiny",
@@ -224,6 +233,7 @@ single_stage_recipe!(sft::SftConfig, "sft", sft);
 single_stage_recipe!(onpolicy_sft::OnPolicyConfig, "onpolicy-sft", onpolicy_sft);
 single_stage_recipe!(llm4tsf::Llm4tsfConfig, "llm4tsf", llm4tsf);
 single_stage_recipe!(hidrop::HidropConfig, "hidrop", hidrop);
+single_stage_recipe!(tays::TaysConfig, "tays", tays);
 single_stage_recipe!(
     layer_dominance::LayerDominanceConfig,
     "layer-dominance",

@@ -14,7 +14,6 @@
 //! keeps the positions it has in the full sequence whether or not the visual tokens are there
 //! (persistent positions), and kept visual tokens keep theirs.
 
-use crate::evaluate::wilson_interval;
 use anyhow::{bail, Result};
 use burn::prelude::*;
 use datasets::shapes::{VqaRecord, IMAGE_PLACEHOLDER};
@@ -440,37 +439,6 @@ impl<B: Backend> VisionLanguageModel<B> {
                     .all(|j| argmax[r * width + j] == batch.targets[r][j] as i64)
             })
             .collect()
-    }
-}
-
-/// Accuracy on held-out questions with its 95% Wilson interval.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Accuracy {
-    pub correct: usize,
-    pub total: usize,
-    pub accuracy: f64,
-    pub interval_95: (f64, f64),
-}
-
-impl Accuracy {
-    pub fn of(correct: &[bool]) -> Self {
-        let hits = correct.iter().filter(|&&c| c).count();
-        Self {
-            correct: hits,
-            total: correct.len(),
-            accuracy: hits as f64 / correct.len().max(1) as f64,
-            interval_95: wilson_interval(hits as f64, correct.len()),
-        }
-    }
-
-    /// `83.0% [79.1, 86.4]`
-    pub fn cell(&self) -> String {
-        format!(
-            "{:.1}% [{:.1}, {:.1}]",
-            100.0 * self.accuracy,
-            100.0 * self.interval_95.0,
-            100.0 * self.interval_95.1
-        )
     }
 }
 
