@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn tays(run_dir: &Path, extra: &[&str]) -> Command {
     let config = repo_root().join("tests/fixtures/configs/tays-test.toml");
@@ -77,22 +77,10 @@ fn tays_resumes_exactly_after_sigkill_and_prints_both_tables() {
         &killed,
         &["--set", r#"modes=["batch"]"#, "--set", "schemes=[]"],
     ));
-    for _ in 0..2 {
-        let stage = killed.join("interleaved");
-        let mut child = tays(&killed, &["--resume", "auto"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let newest = if stage.exists() {
-            checkpoint_steps(&stage).first().copied().unwrap_or(0)
-        } else {
-            0
-        };
-        wait_for_checkpoint(&mut child, &stage, newest + 3);
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
+    kill_twice_inside(
+        || tays(&killed, &["--resume", "auto"]),
+        &killed.join("interleaved"),
+    );
     assert!(
         checkpoint_steps(&killed.join("interleaved"))[0] < 12,
         "killed before the end"
@@ -224,13 +212,6 @@ fn bad_stream_data_is_named_and_nothing_trains() {
             stderr.contains("train.jsonl:1") && stderr.contains(what),
             "{what}: {stderr}"
         );
-        let written: Vec<_> = std::fs::read_dir(&run_dir)
-            .map(|entries| entries.map(|e| e.unwrap().file_name()).collect())
-            .unwrap_or_default();
-        assert!(
-            written.iter().all(|name| name == ".lock"),
-            "nothing is written before the data is read: {written:?}"
-        );
-        let _ = std::fs::remove_dir_all(&run_dir);
+        assert_nothing_written(&run_dir);
     }
 }

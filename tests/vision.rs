@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 fn hidrop(run_dir: &Path, extra: &[&str]) -> Command {
     let config = repo_root().join("tests/fixtures/configs/hidrop-test.toml");
@@ -61,22 +61,10 @@ fn hidrop_resumes_exactly_after_sigkill_and_the_probe_reads_its_run() {
     // Killed twice inside the HiDrop model's training, then resumed to the end.
     let killed = scratch_dir("hidrop-killed");
     run_to_end(hidrop(&killed, &["--set", r#"variants=["full"]"#]));
-    for _ in 0..2 {
-        let stage = killed.join("hidrop");
-        let mut child = hidrop(&killed, &["--resume", "auto"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let newest = if stage.exists() {
-            checkpoint_steps(&stage).first().copied().unwrap_or(0)
-        } else {
-            0
-        };
-        wait_for_checkpoint(&mut child, &stage, newest + 3);
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
+    kill_twice_inside(
+        || hidrop(&killed, &["--resume", "auto"]),
+        &killed.join("hidrop"),
+    );
     assert!(
         checkpoint_steps(&killed.join("hidrop"))[0] < 24,
         "killed before the end"
@@ -159,13 +147,6 @@ fn bad_visual_data_is_named_and_nothing_trains() {
         assert!(!output.status.success());
         assert!(stderr.contains(place) && stderr.contains(what), "{stderr}");
         // The run folder holds at most its lock: no config, no model, no checkpoint.
-        let written: Vec<_> = std::fs::read_dir(&run_dir)
-            .map(|entries| entries.map(|e| e.unwrap().file_name()).collect())
-            .unwrap_or_default();
-        assert!(
-            written.iter().all(|name| name == ".lock"),
-            "nothing is written before the data is read: {written:?}"
-        );
-        let _ = std::fs::remove_dir_all(&run_dir);
+        assert_nothing_written(&run_dir);
     }
 }

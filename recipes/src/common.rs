@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use datasets::{TextTokenizer, TokenBatch, TokenRow};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use trainer::config::{ensure, ensure_count, ensure_positive, key, Validate};
 use trainer::export::RUN_TOKENIZER_DIR;
 use trainer::model::init::ParamInit;
 use trainer::model::layers::Precision;
+use trainer::train::{MicroBatch, ModuleObjective, Next, Resume, TrainConfig, Trainable, Trainer};
 use trainer::{CausalLm, LlamaConfig};
 
 fn default_device() -> String {
@@ -66,6 +68,14 @@ fn default_init_std() -> f32 {
 }
 
 impl ModelSection {
+    /// The folder of the tokenizer: `tokenizer`, else the model folder's own.
+    pub fn tokenizer_folder(&self) -> Result<PathBuf> {
+        match (&self.tokenizer, &self.path) {
+            (Some(dir), _) | (None, Some(dir)) => Ok(dir.clone()),
+            _ => bail!("[model] needs a tokenizer folder (`tokenizer`, or a model `path`)"),
+        }
+    }
+
     /// The Hugging Face folder the model is loaded from, as an absolute path (what exported
     /// adapters name as their base); `None` for a model made from scratch.
     pub fn base_folder(&self) -> Option<PathBuf> {
@@ -258,4 +268,81 @@ pub fn export_with_language_model<B: Backend, M: burn::module::Module<B>>(
         checkpoints::StoreDtype::F32,
         Some(tokenizer_dir),
     )
+}
+
+/// One of the models a recipe trains from the same initialisation and data (hidrop's variants,
+/// tays's modes), each in its own resumable folder: how its batches are made, its loss, its
+/// dev accuracy and its export.
+pub struct VariantTraining<'a, B: AutodiffBackend, M: Trainable<B>, Batch> {
+    /// `RUN/<name>`.
+    pub dir: PathBuf,
+    pub name: String,
+    /// Printed when training starts.
+    pub describe: String,
+    pub train: &'a TrainConfig,
+    pub seed: u64,
+    pub num_examples: usize,
+    /// The micro-batch of training examples `indices`, the `index`-th of step `step`.
+    pub batch: &'a dyn Fn(&[usize], u64, usize) -> Batch,
+    pub loss: &'a ModuleObjective<'a, B, M, Batch>,
+    pub dev_accuracy: &'a dyn Fn(&M::InnerModule) -> f64,
+    pub export: &'a dyn Fn(&M::InnerModule, &Path) -> Result<()>,
+}
+
+/// Trains one model in `dir` (resumable) and exports it to `dir/final`, or loads that export
+/// when it exists (`load`). `None` when a signal stopped training.
+pub fn train_variant<B: AutodiffBackend, M: Trainable<B>, Batch: MicroBatch>(
+    variant: &VariantTraining<'_, B, M, Batch>,
+    fresh: impl FnOnce() -> Result<M>,
+    load: impl FnOnce(&Path) -> Result<M::InnerModule>,
+    resolved: &toml::Table,
+    tokenizer_dir: &Path,
+) -> Result<Option<M::InnerModule>> {
+    let exported = variant.dir.join("final");
+    if exported.join("model.safetensors").exists() {
+        trainer::leader_println!(
+            "{}: reusing {} (delete it to train again)",
+            variant.name,
+            exported.display()
+        );
+        return load(&exported).map(Some);
+    }
+    prepare_run_dir(&variant.dir, resolved, tokenizer_dir)?;
+    trainer::leader_println!("{}: {}", variant.name, variant.describe);
+    let (mut trainer, saved) = Trainer::start(
+        fresh()?,
+        variant.train.clone(),
+        None,
+        variant.seed,
+        &variant.dir,
+        &Resume::Auto,
+    )?;
+    let mut sampler = resume_sampler(&saved, "sampler", variant.num_examples, variant.seed)?;
+    while !trainer.is_done() {
+        let step = trainer.step;
+        let batches: Vec<Batch> = trainer
+            .next_micro_batch_indices(&mut sampler)?
+            .iter()
+            .enumerate()
+            .map(|(i, indices)| (variant.batch)(indices, step, i))
+            .collect();
+        let stats = trainer.train_step_on(&batches, variant.loss)?;
+        let mut scalars = stats.scalars();
+        if trainer.should_evaluate() {
+            scalars.push((
+                "dev_accuracy",
+                (variant.dev_accuracy)(&trainer.eval_model()),
+            ));
+        }
+        trainer.log(&scalars)?;
+        if trainer.end_of_step(|| serde_json::json!({ "sampler": sampler.state }))? == Next::Stop {
+            return Ok(None);
+        }
+    }
+    trainer.finish();
+    let model = trainer.eval_model();
+    if trainer::distributed::current_peer().is_leader() {
+        (variant.export)(&model, &exported)?;
+    }
+    Ok(Some(model))
 }

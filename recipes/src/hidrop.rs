@@ -18,8 +18,8 @@
 //! ([`crate::embedlens`]) then runs on the full-token model.
 
 use crate::common::{
-    export_with_language_model, load_exported, prepare_run_dir, resume_sampler, write_summary,
-    ModelSection, RunSection,
+    export_with_language_model, load_exported, prepare_run_dir, train_variant, write_summary,
+    ModelSection, RunSection, VariantTraining,
 };
 use crate::embedlens::{self, ProbeSection};
 use crate::evaluate::{median, Accuracy};
@@ -42,7 +42,7 @@ use trainer::config::{ensure, ensure_count, Validate};
 use trainer::leader_println;
 use trainer::model::init::ParamInit;
 use trainer::model::vision::VisionConfig;
-use trainer::train::{MicroBatchShare, Next, Resume, TrainConfig, Trainer};
+use trainer::train::{MicroBatchShare, Resume, TrainConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -355,84 +355,68 @@ fn export<B: Backend>(
     export_with_language_model(model, &config, &model.language_model, out, tokenizer_dir)
 }
 
-/// Trains one variant in `dir` (resumable) and exports it to `dir/final`; reuses an existing
+/// Trains one variant in `RUN/<variant>` (resumable) and exports it; reuses an existing
 /// export. `None` when a signal stopped training.
-fn train_variant<B: AutodiffBackend>(
+fn train_model<B: AutodiffBackend>(
     config: &HidropConfig,
     variant: Variant,
     data: &Prepared,
     resolved: &toml::Table,
     device: &B::Device,
 ) -> Result<Option<VisionLanguageModel<B::InnerBackend>>> {
-    let dir = config.run.dir.join(variant.name());
-    let exported = dir.join("final");
-    if exported.join("model.safetensors").exists() {
-        leader_println!(
-            "{}: reusing {} (delete it to train again)",
-            variant.name(),
-            exported.display()
-        );
-        return load_final::<B::InnerBackend>(config, &exported, device).map(Some);
-    }
-    prepare_run_dir(&dir, resolved, &data.tokenizer_dir)?;
     let schedule = variant.schedule(&config.hidrop);
-    let model = fresh_model::<B>(config, device)?;
-    let (patches, size) = (model.num_patches(), config.vision.image_size);
-    leader_println!(
-        "{}: {} training questions, {} steps, visual tokens kept over layers {:.1}%",
-        variant.name(),
-        data.train.len(),
-        config.train.steps,
-        100.0 * schedule.kept_share(model.language_model.num_layers(), patches)
-    );
+    let (patches, size) = (config.vision.num_patches(), config.vision.image_size);
+    let layers = config.model.scratch.as_ref().map(|s| s.num_hidden_layers);
     let seed = config.run.seed;
-    let (mut trainer, saved) =
-        Trainer::start(model, config.train.clone(), None, seed, &dir, &Resume::Auto)?;
-    let mut sampler = resume_sampler(&saved, "sampler", data.train.len(), seed)?;
-    while !trainer.is_done() {
-        let step = trainer.step;
-        let batches: Vec<VqaBatch> = trainer
-            .next_micro_batch_indices(&mut sampler)?
-            .iter()
-            .enumerate()
-            .map(|(i, indices)| {
-                let rows: Vec<&VqaExample> = indices.iter().map(|&i| &data.train[i]).collect();
-                VqaBatch::new(
-                    &rows,
-                    patches,
-                    size,
-                    data.pad_id,
-                    true,
-                    seed ^ (step * 64 + i as u64),
-                )
-            })
-            .collect();
-        let stats = trainer.train_step_on(&batches, &|model, batch, share| {
+    let training = VariantTraining {
+        dir: config.run.dir.join(variant.name()),
+        name: variant.name().into(),
+        describe: format!(
+            "{} training questions, {} steps{}",
+            data.train.len(),
+            config.train.steps,
+            layers.map_or(String::new(), |layers| format!(
+                ", visual tokens kept over layers {:.1}%",
+                100.0 * schedule.kept_share(layers, patches)
+            ))
+        ),
+        train: &config.train,
+        seed,
+        num_examples: data.train.len(),
+        batch: &|indices, step, i| {
+            let rows: Vec<&VqaExample> = indices.iter().map(|&i| &data.train[i]).collect();
+            VqaBatch::new(
+                &rows,
+                patches,
+                size,
+                data.pad_id,
+                true,
+                seed ^ (step * 64 + i as u64),
+            )
+        },
+        loss: &|model: &VisionLanguageModel<B>, batch, share| {
             model.answer_loss(batch, &schedule, share)
-        })?;
-        let mut scalars = stats.scalars();
-        if trainer.should_evaluate() {
+        },
+        dev_accuracy: &|model| {
             let correct = correctness(
-                &trainer.eval_model(),
+                model,
                 &data.dev,
                 &schedule,
                 config.eval.batch_size,
                 data.pad_id,
                 &mut |_, _| {},
             );
-            scalars.push(("dev_accuracy", Accuracy::of(&correct).accuracy));
-        }
-        trainer.log(&scalars)?;
-        if trainer.end_of_step(|| json!({ "sampler": sampler.state }))? == Next::Stop {
-            return Ok(None);
-        }
-    }
-    trainer.finish();
-    let model = trainer.eval_model();
-    if trainer::distributed::current_peer().is_leader() {
-        export(&model, &exported, &data.tokenizer_dir)?;
-    }
-    Ok(Some(model))
+            Accuracy::of(&correct).accuracy
+        },
+        export: &|model, out| export(model, out, &data.tokenizer_dir),
+    };
+    train_variant(
+        &training,
+        || fresh_model::<B>(config, device),
+        |folder| load_final::<B::InnerBackend>(config, folder, device),
+        resolved,
+        &data.tokenizer_dir,
+    )
 }
 
 /// One variant's row of the table.
@@ -516,11 +500,7 @@ pub fn run<B: AutodiffBackend>(
     _resume: &Resume,
     device: B::Device,
 ) -> Result<()> {
-    let tokenizer_dir = match (&config.model.tokenizer, &config.model.path) {
-        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
-        _ => bail!("[model] needs a tokenizer folder"),
-    };
-    let data = prepare(&config, tokenizer_dir)?;
+    let data = prepare(&config, config.model.tokenizer_folder()?)?;
     leader_println!(
         "hidrop: {}; {} train, {} dev, {} test questions",
         data.source,
@@ -531,7 +511,7 @@ pub fn run<B: AutodiffBackend>(
     prepare_run_dir(&config.run.dir, resolved, &data.tokenizer_dir)?;
     let mut models = Vec::new();
     for &variant in &config.variants {
-        let Some(model) = train_variant::<B>(&config, variant, &data, resolved, &device)? else {
+        let Some(model) = train_model::<B>(&config, variant, &data, resolved, &device)? else {
             return Ok(());
         };
         models.push((variant, variant.schedule(&config.hidrop), model));

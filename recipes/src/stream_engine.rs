@@ -127,31 +127,45 @@ impl<B: Backend> TextWriter<'_, B> {
         next as u32
     }
 
-    /// Writes a segment of output that starts with `first` (given, or already chosen) and
-    /// runs until `stop` or `cap` generated tokens; the last token is fed too, so what follows
-    /// is returned with the segment.
-    fn write(
+    /// Writes unit `i`: `<unit>` (given), then greedy tokens up to `<sep>` or `cap` of them.
+    /// Every token is fed, the last too (what comes later sees the whole unit), so the token
+    /// that would follow the unit comes back with it.
+    fn write_unit(
         &mut self,
-        segment: Segment,
-        first: u32,
-        stop: u32,
+        i: usize,
+        specials: Specials,
         cap: usize,
-        given_first: bool,
         frames: Option<(&KvCache<B>, usize)>,
     ) -> (Vec<u32>, u32) {
-        self.counter.begin(segment);
-        let mut written = vec![first];
-        if !given_first {
-            self.count_generated();
-        }
-        let mut next = self.feed(first, frames);
-        let generated_here = |w: &Vec<u32>| w.len() - given_first as usize;
-        while written.last() != Some(&stop) && generated_here(&written) < cap {
-            written.push(next);
+        self.counter.begin(Segment::Unit(i));
+        let mut unit = vec![specials.unit];
+        let mut next = self.feed(specials.unit, frames);
+        while unit.last() != Some(&specials.sep) && unit.len() - 1 < cap {
+            unit.push(next);
             self.count_generated();
             next = self.feed(next, frames);
         }
-        (written, next)
+        (unit, next)
+    }
+
+    /// Writes the answer from `first` (chosen after the last unit) up to the end of text or
+    /// `cap` tokens; its last token needs no feeding.
+    fn write_answer(
+        &mut self,
+        first: u32,
+        specials: Specials,
+        cap: usize,
+        frames: Option<(&KvCache<B>, usize)>,
+    ) -> Vec<u32> {
+        self.counter.begin(Segment::Answer);
+        let mut answer = vec![first];
+        self.count_generated();
+        while answer.last() != Some(&specials.eos) && answer.len() < cap {
+            let next = self.feed(*answer.last().expect("not empty"), frames);
+            answer.push(next);
+            self.count_generated();
+        }
+        answer
     }
 
     fn count_generated(&mut self) {
@@ -217,27 +231,11 @@ pub fn run_stream<B: Backend>(
                     None,
                     &mut text.cache,
                 );
-                let (unit, after) = text.write(
-                    Segment::Unit(i),
-                    specials.unit,
-                    specials.sep,
-                    clock.max_unit_tokens,
-                    true,
-                    None,
-                );
+                let (unit, after) = text.write_unit(i, specials, clock.max_unit_tokens, None);
                 units.push(unit);
                 next = after;
             }
-            answer = text
-                .write(
-                    Segment::Answer,
-                    next,
-                    specials.eos,
-                    clock.max_answer_tokens,
-                    false,
-                    None,
-                )
-                .0;
+            answer = text.write_answer(next, specials, clock.max_answer_tokens, None);
         }
         Mode::Batch | Mode::Tays => {
             let frames_wait_for_text = mode == Mode::Tays && scheme == PositionScheme::Continuous;
@@ -311,27 +309,14 @@ pub fn run_stream<B: Backend>(
                     }
                     let seen = if mode == Mode::Batch { groups } else { i + 1 };
                     let cache = &frames.as_ref().expect("frames ready").1;
-                    let (unit, after) = text.write(
-                        Segment::Unit(i),
-                        specials.unit,
-                        specials.sep,
-                        clock.max_unit_tokens,
-                        true,
-                        Some((cache, visible(seen))),
-                    );
+                    let frames = Some((cache, visible(seen)));
+                    let (unit, after) = text.write_unit(i, specials, clock.max_unit_tokens, frames);
                     units.push(unit);
                     next = after;
                 }
                 let cache = &frames.as_ref().expect("frames ready").1;
-                text.write(
-                    Segment::Answer,
-                    next,
-                    specials.eos,
-                    clock.max_answer_tokens,
-                    false,
-                    Some((cache, visible(groups))),
-                )
-                .0
+                let frames = Some((cache, visible(groups)));
+                text.write_answer(next, specials, clock.max_answer_tokens, frames)
             });
         }
     }

@@ -18,8 +18,8 @@
 //! second, TaYS trained and run under each of the four position schemes.
 
 use crate::common::{
-    export_with_language_model, load_exported, prepare_run_dir, resume_sampler, write_summary,
-    ModelSection, RunSection,
+    export_with_language_model, load_exported, prepare_run_dir, train_variant, write_summary,
+    ModelSection, RunSection, VariantTraining,
 };
 use crate::evaluate::{median, Accuracy};
 use crate::stream_engine::{run_stream, StreamClock, StreamRun};
@@ -40,7 +40,7 @@ use trainer::config::{ensure, ensure_count, Validate};
 use trainer::leader_println;
 use trainer::model::init::ParamInit;
 use trainer::model::vision::VisionConfig;
-use trainer::train::{Next, Resume, TrainConfig, Trainer};
+use trainer::train::{Resume, TrainConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -395,67 +395,48 @@ fn export<B: Backend>(model: &StreamModel<B>, out: &Path, tokenizer_dir: &Path) 
     )
 }
 
-/// Trains one variant in `dir` (resumable) and exports it to `dir/final`; reuses an existing
-/// export. `None` when a signal stopped training.
-fn train_variant<B: AutodiffBackend>(
+/// Trains one model in `RUN/<name>` (resumable) and exports it; reuses an existing export.
+/// `None` when a signal stopped training.
+fn train_model<B: AutodiffBackend>(
     config: &TaysConfig,
     variant: Variant,
     data: &Prepared,
     resolved: &toml::Table,
     device: &B::Device,
 ) -> Result<Option<StreamModel<B::InnerBackend>>> {
-    let dir = config.run.dir.join(variant.name());
-    let exported = dir.join("final");
-    if exported.join("model.safetensors").exists() {
-        leader_println!(
-            "{}: reusing {} (delete it to train again)",
-            variant.name(),
-            exported.display()
-        );
-        return load_final::<B::InnerBackend>(config, &exported, device).map(Some);
-    }
-    prepare_run_dir(&dir, resolved, &data.tokenizer_dir)?;
     let setup = setup_of(config, variant, data);
-    let model = fresh_model::<B>(config, device)?;
-    let frame_tokens = frame_tokens_per_group(&model, &data.train[0]);
-    leader_println!(
-        "{}: {} training streams, {} steps",
-        variant.name(),
-        data.train.len(),
-        config.train.steps
-    );
-    let seed = config.run.seed;
-    let (mut trainer, saved) =
-        Trainer::start(model, config.train.clone(), None, seed, &dir, &Resume::Auto)?;
-    let mut sampler = resume_sampler(&saved, "sampler", data.train.len(), seed)?;
-    while !trainer.is_done() {
-        let batches: Vec<StreamBatch> = trainer
-            .next_micro_batch_indices(&mut sampler)?
-            .iter()
-            .map(|indices| {
-                let rows: Vec<&StreamExample> = indices.iter().map(|&i| &data.train[i]).collect();
-                StreamBatch::new(&rows, &setup, frame_tokens, data.pad_id)
-            })
-            .collect();
-        let stats =
-            trainer.train_step_on(&batches, &|model, batch, share| model.loss(batch, share))?;
-        let mut scalars = stats.scalars();
-        if trainer.should_evaluate() {
-            let model = trainer.eval_model();
-            let dev = evaluate(&model, &data.dev, &setup, clock(config, Duration::ZERO));
-            scalars.push(("dev_accuracy", dev.answers.accuracy));
-        }
-        trainer.log(&scalars)?;
-        if trainer.end_of_step(|| json!({ "sampler": sampler.state }))? == Next::Stop {
-            return Ok(None);
-        }
-    }
-    trainer.finish();
-    let model = trainer.eval_model();
-    if trainer::distributed::current_peer().is_leader() {
-        export(&model, &exported, &data.tokenizer_dir)?;
-    }
-    Ok(Some(model))
+    let frame_tokens = frame_tokens_per_group(config, &data.train[0]);
+    let training = VariantTraining {
+        dir: config.run.dir.join(variant.name()),
+        name: variant.name(),
+        describe: format!(
+            "{} training streams, {} steps",
+            data.train.len(),
+            config.train.steps
+        ),
+        train: &config.train,
+        seed: config.run.seed,
+        num_examples: data.train.len(),
+        batch: &|indices, _, _| {
+            let rows: Vec<&StreamExample> = indices.iter().map(|&i| &data.train[i]).collect();
+            StreamBatch::new(&rows, &setup, frame_tokens, data.pad_id)
+        },
+        loss: &|model: &StreamModel<B>, batch, share| model.loss(batch, share),
+        dev_accuracy: &|model| {
+            let all_there = clock(config, Duration::ZERO);
+            evaluate(model, &data.dev, &setup, all_there)
+                .answers
+                .accuracy
+        },
+        export: &|model, out| export(model, out, &data.tokenizer_dir),
+    };
+    train_variant(
+        &training,
+        || fresh_model::<B>(config, device),
+        |folder| load_final::<B::InnerBackend>(config, folder, device),
+        resolved,
+        &data.tokenizer_dir,
+    )
 }
 
 fn setup_of(config: &TaysConfig, variant: Variant, data: &Prepared) -> StreamSetup {
@@ -468,8 +449,15 @@ fn setup_of(config: &TaysConfig, variant: Variant, data: &Prepared) -> StreamSet
     }
 }
 
-fn frame_tokens_per_group<B: Backend>(model: &StreamModel<B>, example: &StreamExample) -> usize {
-    model.tokens_per_frame() * example.groups[0].len() / model.format.values()
+/// Tokens a frame group becomes (each frame: a token per feature vector, or per ViT patch).
+fn frame_tokens_per_group(config: &TaysConfig, example: &StreamExample) -> usize {
+    let format = config.data.format();
+    let per_frame = match (format, &config.vision) {
+        (FrameFormat::Images { .. }, Some(vision)) => vision.num_patches(),
+        (FrameFormat::Features { tokens, .. }, _) => tokens,
+        (FrameFormat::Images { .. }, None) => unreachable!("validated: image frames have [vision]"),
+    };
+    per_frame * example.groups[0].len() / format.values()
 }
 
 fn clock(config: &TaysConfig, interval: Duration) -> StreamClock {
@@ -621,11 +609,7 @@ pub fn run<B: AutodiffBackend>(
     _resume: &Resume,
     device: B::Device,
 ) -> Result<()> {
-    let tokenizer_dir = match (&config.model.tokenizer, &config.model.path) {
-        (Some(dir), _) | (None, Some(dir)) => dir.clone(),
-        _ => bail!("[model] needs a tokenizer folder"),
-    };
-    let data = prepare(&config, tokenizer_dir)?;
+    let data = prepare(&config, config.model.tokenizer_folder()?)?;
     leader_println!(
         "tays: {}; {} train, {} dev, {} test streams",
         data.source,
@@ -636,7 +620,7 @@ pub fn run<B: AutodiffBackend>(
     prepare_run_dir(&config.run.dir, resolved, &data.tokenizer_dir)?;
     let mut models = Vec::new();
     for variant in config.variants() {
-        let Some(model) = train_variant::<B>(&config, variant, &data, resolved, &device)? else {
+        let Some(model) = train_model::<B>(&config, variant, &data, resolved, &device)? else {
             return Ok(());
         };
         models.push((variant, model));
@@ -750,7 +734,7 @@ fn summary_table<B: Backend>(
          the first group's arrival.\n\n",
         source = data.source,
         layers = model.language_model.num_layers(),
-        tokens = frame_tokens_per_group(model, &data.test[0]),
+        tokens = frame_tokens_per_group(config, &data.test[0]),
         test = data.test.len(),
         dev = data.dev.len(),
         timed = config.eval.timed_streams.min(data.test.len()),

@@ -124,6 +124,39 @@ pub fn kill_after_checkpoint(mut command: Command, run_dir: &Path, step: u64, la
     );
 }
 
+/// Runs `command()` twice, each time SIGKILLing it 3 checkpoints after the newest one of the
+/// model trained in `stage` (a recipe's per-model folder), so both kills land inside that
+/// model's training.
+pub fn kill_twice_inside(command: impl Fn() -> Command, stage: &Path) {
+    for _ in 0..2 {
+        let mut child = command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let newest = if stage.exists() {
+            checkpoint_steps(stage).first().copied().unwrap_or(0)
+        } else {
+            0
+        };
+        wait_for_checkpoint(&mut child, stage, newest + 3);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// Checks that a refused run wrote nothing in `run_dir` but its lock, and removes it.
+pub fn assert_nothing_written(run_dir: &Path) {
+    let written: Vec<_> = std::fs::read_dir(run_dir)
+        .map(|entries| entries.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        written.iter().all(|name| name == ".lock"),
+        "nothing is written before the data is read: {written:?}"
+    );
+    let _ = std::fs::remove_dir_all(run_dir);
+}
+
 pub fn wait_for_checkpoint(child: &mut Child, run_dir: &Path, step: u64) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !checkpoint(run_dir, step).join("manifest.json").exists() {
