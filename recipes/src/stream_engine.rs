@@ -13,7 +13,9 @@
 //! Both paths use the same layer loop and masks as training (a test checks that generation
 //! equals the argmax of the training forward of what it generated).
 
-use crate::streaming::{Mode, PositionCounter, PositionScheme, Segment, Specials, StreamExample};
+use crate::streaming::{
+    Mode, PositionCounter, PositionScheme, Segment, Specials, StreamExample, StreamSetup,
+};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use std::sync::mpsc;
@@ -182,20 +184,13 @@ fn sleep_until(at: Instant) {
 }
 
 /// Runs one stream in real time (see the module comment).
-#[allow(clippy::too_many_arguments)]
 pub fn run_stream<B: Backend>(
     model: &StreamModel<B>,
     example: &StreamExample,
-    mode: Mode,
-    scheme: PositionScheme,
-    gap_offset: i64,
-    specials: Specials,
+    setup: &StreamSetup,
     clock: StreamClock,
 ) -> StreamRun {
-    let scheme = match mode {
-        Mode::Tays => scheme,
-        Mode::Batch | Mode::Interleaved => PositionScheme::Continuous,
-    };
+    let (mode, specials) = (setup.mode, setup.specials);
     let groups = example.groups.len();
     let frame_tokens = model.tokens_per_frame() * example.groups[0].len() / model.format.values();
     let start = Instant::now();
@@ -203,7 +198,7 @@ pub fn run_stream<B: Backend>(
     let mut text = TextWriter {
         model,
         cache: model.new_cache(),
-        counter: PositionCounter::new(scheme, gap_offset),
+        counter: setup.position_counter(),
         decode_s: 0.0,
         generated: 0,
         first_token: None,
@@ -238,7 +233,8 @@ pub fn run_stream<B: Backend>(
             answer = text.write_answer(next, specials, clock.max_answer_tokens, None);
         }
         Mode::Batch | Mode::Tays => {
-            let frames_wait_for_text = mode == Mode::Tays && scheme == PositionScheme::Continuous;
+            let frames_wait_for_text =
+                mode == Mode::Tays && setup.scheme == PositionScheme::Continuous;
             let (ready_tx, ready_rx) = mpsc::channel::<(usize, KvCache<B>)>();
             let (positions_tx, positions_rx) = mpsc::channel::<Vec<i64>>();
             let frame_model = model.clone();
@@ -248,7 +244,7 @@ pub fn run_stream<B: Backend>(
                     let model = &frame_model;
                     let mut cache = model.new_cache();
                     // Input positions do not depend on text except under continuous tays.
-                    let mut counter = PositionCounter::new(scheme, gap_offset);
+                    let mut counter = setup.position_counter();
                     let positions = counter.segment(Segment::Prompt, example.prompt.len());
                     run_rows(
                         model,
@@ -340,7 +336,7 @@ pub fn run_stream<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::streaming::{StreamBatch, StreamSetup};
+    use crate::streaming::StreamBatch;
     use datasets::stream::FrameFormat;
     use trainer::model::config::LlamaConfig;
     use trainer::model::init::ParamInit;
@@ -368,6 +364,16 @@ mod tests {
             &device,
         )
         .unwrap()
+    }
+
+    fn setup(mode: Mode, scheme: PositionScheme) -> StreamSetup {
+        StreamSetup {
+            mode,
+            scheme,
+            gap_offset: 50,
+            skip_weight: 1.0,
+            specials: SPECIALS,
+        }
     }
 
     fn example() -> StreamExample {
@@ -404,18 +410,12 @@ mod tests {
         .chain(PositionScheme::all().into_iter().map(|s| (Mode::Tays, s)));
         let mut outputs = vec![];
         for (mode, scheme) in cases {
-            let run = run_stream(&model, &example(), mode, scheme, 50, SPECIALS, clock);
+            let setup = setup(mode, scheme);
+            let run = run_stream(&model, &example(), &setup, clock);
             assert_eq!(run.units.len(), 3);
             let mut generated = example();
             generated.units = run.units.clone();
             generated.answer = run.answer.clone();
-            let setup = StreamSetup {
-                mode,
-                scheme,
-                gap_offset: 50,
-                skip_weight: 1.0,
-                specials: SPECIALS,
-            };
             let batch = StreamBatch::new(&[&generated], &setup, 4, 0);
             let argmax: Vec<i64> = model
                 .forward(&batch)
@@ -457,27 +457,13 @@ mod tests {
             max_answer_tokens: 2,
         };
         let started = Instant::now();
-        let batch = run_stream(
-            &model,
-            &example(),
-            Mode::Batch,
-            PositionScheme::Continuous,
-            50,
-            SPECIALS,
-            clock,
-        );
+        let batch_setup = setup(Mode::Batch, PositionScheme::Continuous);
+        let batch = run_stream(&model, &example(), &batch_setup, clock);
         // The last group arrives at 90 ms; batch writes nothing before it.
         assert!(started.elapsed() >= Duration::from_millis(90));
         assert!(batch.first_token_s >= 0.06, "{}", batch.first_token_s);
-        let tays = run_stream(
-            &model,
-            &example(),
-            Mode::Tays,
-            PositionScheme::GroupDecoupled,
-            50,
-            SPECIALS,
-            clock,
-        );
+        let tays_setup = setup(Mode::Tays, PositionScheme::GroupDecoupled);
+        let tays = run_stream(&model, &example(), &tays_setup, clock);
         assert!(tays.first_token_s < batch.first_token_s);
         assert!(tays.generated_tokens > 0 && tays.decode_s > 0.0);
     }

@@ -260,71 +260,85 @@ pub struct Layout {
     pub targets: Vec<Option<(u32, f32)>>,
 }
 
-/// Lays out a stream of `prompt`, `groups` frame groups of `frame_tokens` tokens each, `units`
-/// and `answer`.
-#[allow(clippy::too_many_arguments)]
-pub fn lay_out(
-    mode: Mode,
-    scheme: PositionScheme,
-    gap_offset: i64,
-    prompt: &[u32],
-    frame_tokens: usize,
-    units: &[Vec<u32>],
-    answer: &[u32],
-    specials: Specials,
-    skip_weight: f32,
-) -> Layout {
-    let scheme = match mode {
-        Mode::Tays => scheme,
-        Mode::Batch | Mode::Interleaved => PositionScheme::Continuous,
-    };
-    let mut counter = PositionCounter::new(scheme, gap_offset);
-    let mut layout = Layout {
-        tokens: vec![],
-        frame_index: vec![],
-        input: vec![],
-        positions: vec![],
-        targets: vec![],
-    };
-    // Rows of output tokens, in output order, to set targets afterwards.
-    let mut outputs: Vec<usize> = vec![];
-    for segment in arrival_order(mode, units.len()) {
-        let text: &[u32] = match segment {
-            Segment::Prompt => prompt,
-            Segment::Frames(_) => &[],
-            Segment::Unit(i) => &units[i],
-            Segment::Answer => answer,
+/// How streams are laid out and weighted for training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamSetup {
+    pub mode: Mode,
+    pub scheme: PositionScheme,
+    pub gap_offset: i64,
+    pub skip_weight: f32,
+    pub specials: Specials,
+}
+
+impl StreamSetup {
+    /// A fresh position counter: the configured scheme under tays; batch and interleaved are
+    /// continuous.
+    pub fn position_counter(&self) -> PositionCounter {
+        let scheme = match self.mode {
+            Mode::Tays => self.scheme,
+            Mode::Batch | Mode::Interleaved => PositionScheme::Continuous,
         };
-        let len = match segment {
-            Segment::Frames(_) => frame_tokens,
-            _ => text.len(),
-        };
-        for (j, position) in counter.segment(segment, len).into_iter().enumerate() {
-            if !segment.is_input() {
-                outputs.push(layout.tokens.len());
-            }
-            layout.tokens.push(text.get(j).copied());
-            layout.frame_index.push(match segment {
-                Segment::Frames(g) => Some(g * frame_tokens + j),
-                _ => None,
-            });
-            layout.input.push(segment.is_input());
-            layout.positions.push(position);
-            layout.targets.push(None);
-        }
+        PositionCounter::new(scheme, self.gap_offset)
     }
-    for pair in outputs.windows(2) {
-        let next = layout.tokens[pair[1]].expect("output rows hold text");
-        if next != specials.unit {
-            let weight = if next == specials.skip {
-                skip_weight
-            } else {
-                1.0
+
+    /// Lays out `example`, its frame groups of `frame_tokens` tokens each, in this setup's
+    /// arrival order, positions and targets.
+    pub fn lay_out(&self, example: &StreamExample, frame_tokens: usize) -> Layout {
+        let Self {
+            mode,
+            specials,
+            skip_weight,
+            ..
+        } = *self;
+        let (prompt, units, answer) = (&example.prompt, &example.units, &example.answer);
+        let mut counter = self.position_counter();
+        let mut layout = Layout {
+            tokens: vec![],
+            frame_index: vec![],
+            input: vec![],
+            positions: vec![],
+            targets: vec![],
+        };
+        // Rows of output tokens, in output order, to set targets afterwards.
+        let mut outputs: Vec<usize> = vec![];
+        for segment in arrival_order(mode, units.len()) {
+            let text: &[u32] = match segment {
+                Segment::Prompt => prompt,
+                Segment::Frames(_) => &[],
+                Segment::Unit(i) => &units[i],
+                Segment::Answer => answer,
             };
-            layout.targets[pair[0]] = Some((next, weight));
+            let len = match segment {
+                Segment::Frames(_) => frame_tokens,
+                _ => text.len(),
+            };
+            for (j, position) in counter.segment(segment, len).into_iter().enumerate() {
+                if !segment.is_input() {
+                    outputs.push(layout.tokens.len());
+                }
+                layout.tokens.push(text.get(j).copied());
+                layout.frame_index.push(match segment {
+                    Segment::Frames(g) => Some(g * frame_tokens + j),
+                    _ => None,
+                });
+                layout.input.push(segment.is_input());
+                layout.positions.push(position);
+                layout.targets.push(None);
+            }
         }
+        for pair in outputs.windows(2) {
+            let next = layout.tokens[pair[1]].expect("output rows hold text");
+            if next != specials.unit {
+                let weight = if next == specials.skip {
+                    skip_weight
+                } else {
+                    1.0
+                };
+                layout.targets[pair[0]] = Some((next, weight));
+            }
+        }
+        layout
     }
-    layout
 }
 
 impl Layout {
@@ -345,32 +359,6 @@ impl Layout {
                 .extend((0..n).map(|k| may_attend(mode, (q, self.input[q]), (k, self.input[k]))));
         }
         allowed
-    }
-}
-
-/// How streams are laid out and weighted for training.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StreamSetup {
-    pub mode: Mode,
-    pub scheme: PositionScheme,
-    pub gap_offset: i64,
-    pub skip_weight: f32,
-    pub specials: Specials,
-}
-
-impl StreamSetup {
-    pub fn lay_out(&self, example: &StreamExample, frame_tokens: usize) -> Layout {
-        lay_out(
-            self.mode,
-            self.scheme,
-            self.gap_offset,
-            &example.prompt,
-            frame_tokens,
-            &example.units,
-            &example.answer,
-            self.specials,
-            self.skip_weight,
-        )
     }
 }
 
@@ -677,17 +665,32 @@ mod tests {
     /// Prompt of 2 tokens, 2 groups of 2 frame tokens, units `<unit> 7 <sep>` and
     /// `<unit> <skip> <sep>`, answer `9 <eos>`.
     fn small(mode: Mode, scheme: PositionScheme) -> Layout {
-        lay_out(
+        lay_out(mode, scheme, &[5, 6], 2, &[vec![1, 7, 2], vec![1, 3, 2]])
+    }
+
+    /// A stream of `prompt`, frame groups of `frame_tokens`, `units` and the answer `9 <eos>`
+    /// laid out with gap offset 100 and skip weight 0.5.
+    fn lay_out(
+        mode: Mode,
+        scheme: PositionScheme,
+        prompt: &[u32],
+        frame_tokens: usize,
+        units: &[Vec<u32>],
+    ) -> Layout {
+        let setup = StreamSetup {
             mode,
             scheme,
-            100,
-            &[5, 6],
-            2,
-            &[vec![1, 7, 2], vec![1, 3, 2]],
-            &[9, 0],
-            SPECIALS,
-            0.5,
-        )
+            gap_offset: 100,
+            skip_weight: 0.5,
+            specials: SPECIALS,
+        };
+        let example = StreamExample {
+            prompt: prompt.to_vec(),
+            groups: vec![],
+            units: units.to_vec(),
+            answer: vec![9, 0],
+        };
+        setup.lay_out(&example, frame_tokens)
     }
 
     /// Rows by letter: p prompt, f frame, u unit text, a answer.
@@ -759,13 +762,9 @@ mod tests {
         let layout = lay_out(
             Mode::Tays,
             PositionScheme::Overlapped,
-            100,
             &[5],
             1,
             &[vec![1, 7, 7, 7, 2], vec![1, 3, 2]],
-            &[9, 0],
-            SPECIALS,
-            0.5,
         );
         // p f u u u u u f u u u a a: unit 0 at 2..7; frame 1 at 2 (input count);
         // unit 1 starts at max(input end 3, output 7) = 7.

@@ -485,7 +485,7 @@ fn evaluate<B: Backend>(
 ) -> Evaluation {
     let (mut answers, mut units) = (vec![], vec![]);
     for example in examples {
-        let run = run_one(model, example, setup, clock);
+        let run = run_stream(model, example, setup, clock);
         answers.push(run.answer == example.answer);
         units.extend(run.units.iter().zip(&example.units).map(|(a, b)| a == b));
     }
@@ -493,23 +493,6 @@ fn evaluate<B: Backend>(
         answers: Accuracy::of(&answers),
         units: Accuracy::of(&units),
     }
-}
-
-fn run_one<B: Backend>(
-    model: &StreamModel<B>,
-    example: &StreamExample,
-    setup: &StreamSetup,
-    clock: StreamClock,
-) -> StreamRun {
-    run_stream(
-        model,
-        example,
-        setup.mode,
-        setup.scheme,
-        setup.gap_offset,
-        setup.specials,
-        clock,
-    )
 }
 
 /// The boring explanation of any accuracy: the answer guessed from the question alone (the
@@ -597,7 +580,7 @@ fn latencies<B: Backend>(
     for example in &data.test[..timed] {
         for (i, (variant, model)) in models.iter().enumerate() {
             let setup = setup_of(config, *variant, data);
-            runs[i].push(run_one(model, example, &setup, clock(config, interval)));
+            runs[i].push(run_stream(model, example, &setup, clock(config, interval)));
         }
     }
     runs.iter().map(|r| Latency::of(r)).collect()
