@@ -226,6 +226,71 @@ fn router_stage_trains_only_routers_and_lora_stage_only_adapters() {
     }
 }
 
+/// `router.mode = joint`: routers and LoRA adapters train together (the routers as the
+/// adapter's `modules_to_save`) and nothing else moves; the checkpoint holds both, a resumed
+/// run gets both back, and the export merges the adapters and keeps the trained routers.
+#[test]
+fn joint_mode_trains_routers_and_adapters_together_and_saves_both() {
+    let rows = vec![batch()];
+    let lora: trainer::lora::LoraConfig = toml::from_str(
+        "rank = 4\nalpha = 8.0\ntargets = [\"q_proj\", \"v_proj\"]\nmodules_to_save = [\"*.router.*\"]",
+    )
+    .unwrap();
+    let config = train_config("steps = 3\nbatch_size = 2\nlr = 1e-2\nlog_every = 100");
+    let dir = scratch_dir("skipgpt-joint");
+    let start = |resume: &Resume| {
+        Trainer::start(
+            tiny_routed::<Train>(6),
+            config.clone(),
+            Some(lora.clone()),
+            0,
+            &dir,
+            resume,
+        )
+        .unwrap()
+        .0
+    };
+    let mut trainer = start(&Resume::No);
+    let before = parameters(&trainer.model);
+    let objective = |model: &CausalLm<Train>, batch: DeviceBatch<Train>, share: MicroBatchShare| {
+        let (logits, gate) = gated_forward(model, &batch, 2.0, None).unwrap();
+        router_loss(logits, gate, &batch, share, 0.5, 20.0).0
+    };
+    // Two steps: LoRA's B starts at zero, so A only moves from the second step on.
+    for _ in 0..2 {
+        trainer.train_step_of(&rows, &objective).unwrap();
+    }
+    let trained = parameters(&trainer.model);
+    let moved = changed(&before, &trained);
+    assert!(
+        moved
+            .iter()
+            .all(|n| n.contains(".router.") || n.contains(".lora.")),
+        "{moved:?}"
+    );
+    for part in [".router.attn.", ".router.mlp.", "q_proj.lora.", "v_proj.lora."] {
+        assert!(moved.iter().any(|n| n.contains(part)), "{part}: {moved:?}");
+    }
+
+    trainer.save_checkpoint(serde_json::json!({})).unwrap();
+    let resumed = start(&Resume::Auto);
+    assert_eq!(resumed.step, trainer.step);
+    assert_eq!(parameters(&resumed.model), trained);
+
+    let out = dir.join("export");
+    trainer.export_latest(&out).unwrap();
+    let source = WeightSource::open(&[out.join("model.safetensors")]).unwrap();
+    assert!(!source.names().any(|n| n.contains("lora")));
+    let exported = CausalLm::<Cpu>::load(&out, &Default::default()).unwrap();
+    let exported: BTreeMap<String, Vec<f32>> = named_tensors(&exported)
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.data))
+        .collect();
+    let router = "model.layers.1.router.mlp.fc1.weight";
+    assert_eq!(exported[router], trained[router]);
+    assert_ne!(exported[router], before[router]);
+}
+
 #[test]
 fn routed_model_saves_with_documented_router_names_and_reloads() {
     let model = tiny_routed::<Cpu>(7);
@@ -371,6 +436,9 @@ fn evaluation_counts_keep_ratios_per_layer_and_kind() {
     let mean = eval.keep.iter().map(|[a, m]| a + m).sum::<f64>() / 6.0;
     assert!((mean - eval.overall_keep).abs() < 1e-12);
     assert!(eval.perplexity.is_finite() && eval.perplexity > 1.0);
+    // The interval resamples the two rows: it holds the perplexity and has width.
+    let (low, high) = eval.perplexity_95;
+    assert!(low <= eval.perplexity && eval.perplexity <= high && low < high, "{eval:?}");
     let dense = evaluate_routed(&without_routers(model.clone()), &[batch()]);
     assert_eq!(dense.overall_keep, 1.0);
     assert_ne!(dense.perplexity, eval.perplexity);
@@ -466,6 +534,48 @@ fn all_stages_run_report_and_export_through_the_binary() {
     let entry = &noisy["routers + LoRA, noisy evaluation"];
     assert!(entry["perplexity"].as_f64().unwrap() > 1.0, "{noisy}");
     assert_ne!(entry["keep"], summary["routers + LoRA"]["keep"]);
+}
+
+/// `router.mode = joint` through the binary: one stage trains routers and LoRA, the table has
+/// the jointly trained model, the controls at its keep ratio, and its measured speed.
+#[test]
+fn joint_mode_runs_one_stage_through_the_binary() {
+    let run_dir = scratch_dir("skipgpt-joint-run");
+    let joint = ["--set", "router.mode=joint"];
+    let output = skipgpt_command(&run_dir, &[&joint[..], &["--stage", "lora"]].concat())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("joint"), "{stderr}");
+
+    run_to_end(skipgpt_command(&run_dir, &joint));
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    let entry = &summary["routers + LoRA, trained jointly"];
+    assert!(entry["perplexity"].as_f64().unwrap() > 1.0, "{summary}");
+    assert!(summary.get("routers").is_none(), "{summary}");
+    let names: Vec<&String> = summary.as_object().unwrap().keys().collect();
+    for control in ["control: random routing", "control: dense + LoRA"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(control)),
+            "{control}: {names:?}"
+        );
+    }
+    assert!(summary["speed"]["routers + LoRA, trained jointly"]["decode_tokens_per_s"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    assert!(!run_dir.join("router").exists() && !run_dir.join("lora").exists());
+    let final_dir = run_dir.join("joint/final");
+    let source = WeightSource::open(&[final_dir.join("model.safetensors")]).unwrap();
+    assert!(source.contains("model.layers.1.router.attn.fc2.bias"));
+    assert!(!source.names().any(|n| n.contains("lora")));
+    assert!(
+        CausalLm::<Cpu>::load(&final_dir, &Default::default())
+            .unwrap()
+            .config
+            .skip_routers
+    );
 }
 
 /// FLOPs kept: all of them when everything runs; without attention queries and MLPs only the

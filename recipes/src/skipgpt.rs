@@ -15,6 +15,9 @@
 //!    per layer and module kind (with real skipping), a routing map, and the pruned models as
 //!    Hugging Face folders with the routers under `model.layers.N.router.{attn,mlp}.*`.
 //!
+//! `router.mode = joint` is the paper's other variant: routers and LoRA train together in one
+//! stage on the router loss (`RUN/joint`), in place of the two stages.
+//!
 //! One deviation, on purpose: inference routes deterministically (argmax, no noise) while the
 //! public code keeps the Gumbel noise at evaluation. So that training ends on the routing that
 //! inference uses, the noise is faded out over the end of the router stage
@@ -22,6 +25,7 @@
 //! official code's noisy evaluation to the table.
 
 use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
+use crate::evaluate::perplexity_interval;
 use crate::stages::{finished_stage, train_stage, SftStage, StageContext};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
@@ -33,14 +37,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::cell::Cell;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use trainer::config::{
     ensure, ensure_count, ensure_fraction, ensure_non_negative, ensure_positive,
     ensure_probability, Validate,
 };
 use trainer::leader_println;
 use trainer::lora::LoraConfig;
-use trainer::loss::token_nll_sum;
+use trainer::loss::{token_nll, token_nll_sum};
 use trainer::model::init::ParamInit;
 use trainer::model::llama::{LayerDecisions, LayerExec, LayerGates, LlamaConfig};
 use trainer::model::router::LayerRouter;
@@ -156,6 +160,11 @@ fn five_percent() -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterSection {
+    /// `two-stage` (the paper's default: routers on the frozen base, then LoRA with the
+    /// routers frozen) or `joint` (routers and LoRA together, in one stage of `router.train`
+    /// steps on the router loss; `[lora.adapter]` shapes the adapter, `lora.train` is unused).
+    #[serde(default)]
+    pub mode: RouterMode,
     /// Target share of skipped modules (0.25: a quarter of all routed attention and MLP runs).
     pub sparsity: f64,
     /// Which modules get routers: `both` (the paper's, a router each), or its ablations:
@@ -184,6 +193,14 @@ pub struct RouterSection {
     #[serde(default = "tenth")]
     pub curriculum_step: f64,
     pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterMode {
+    #[default]
+    TwoStage,
+    Joint,
 }
 
 fn twenty() -> f64 {
@@ -437,6 +454,9 @@ pub fn router_loss<B: Backend>(
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoutedEval {
     pub perplexity: f64,
+    /// 95% bootstrap interval over the held-out windows.
+    #[serde(default)]
+    pub perplexity_95: (f64, f64),
     /// Share of real tokens that execute each layer's (attention, MLP).
     pub keep: Vec<[f64; 2]>,
     /// Over all layers and both kinds: the keep ratio in modules.
@@ -489,7 +509,8 @@ pub fn evaluate_deciding<B: Backend>(
     let mut rng = seed.map(StdRng::seed_from_u64);
     let device = model.device();
     let layers = model.num_layers();
-    let (mut nll, mut targets) = (0.0, 0usize);
+    // (summed NLL, target count) of every held-out row.
+    let mut row_nll: Vec<(f64, usize)> = Vec::new();
     let mut kept = vec![[0usize; 2]; layers];
     let (mut real_tokens, mut context) = (0usize, 0usize);
     for batch in batches {
@@ -539,11 +560,12 @@ pub fn evaluate_deciding<B: Backend>(
                 (logits, decisions)
             }
         };
-        let sum: f32 = token_nll_sum(logits, on_device.targets, on_device.selected)
-            .into_scalar()
-            .elem();
-        nll += sum as f64;
-        targets += on_device.num_targets;
+        let selected = on_device.selected;
+        let sums = (token_nll(logits, on_device.targets) * selected.clone()).sum_dim(1);
+        let counts = selected.sum_dim(1);
+        let sums = sums.into_data().convert::<f64>().to_vec::<f64>().expect("f64");
+        let counts = counts.into_data().convert::<f64>().to_vec::<f64>().expect("f64");
+        row_nll.extend(sums.into_iter().zip(counts).map(|(s, c)| (s, c as usize)));
         for (layer, decision) in decisions.iter().enumerate() {
             for (kind, flags) in [&decision.attn, &decision.mlp].into_iter().enumerate() {
                 kept[layer][kind] += flags.iter().zip(&real).filter(|(f, r)| **f && **r).count();
@@ -554,8 +576,11 @@ pub fn evaluate_deciding<B: Backend>(
     let keep: Vec<[f64; 2]> = kept.iter().map(|[a, m]| [share(*a), share(*m)]).collect();
     let overall_keep = keep.iter().map(|[a, m]| a + m).sum::<f64>() / (2 * layers.max(1)) as f64;
     let mean_context = context as f64 / real_tokens.max(1) as f64;
+    let nll: f64 = row_nll.iter().map(|r| r.0).sum();
+    let targets: usize = row_nll.iter().map(|r| r.1).sum();
     RoutedEval {
         perplexity: (nll / targets.max(1) as f64).exp(),
+        perplexity_95: perplexity_interval(&row_nll, 1000, 0),
         flops_keep: flops_kept(&model.config, &keep, mean_context),
         keep,
         overall_keep,
@@ -661,7 +686,8 @@ pub fn measure_speed<B: Backend>(
     })
 }
 
-/// Stage `router`: fresh routers on the frozen base; exported to `RUN/router/final`.
+/// Stage `router`: fresh routers on the frozen base; exported to `RUN/router/final`. With
+/// `router.mode = joint` LoRA trains beside the routers (`RUN/joint/final`, adapters merged).
 /// Resumable like any run; skipped when its export exists.
 fn router_stage<B: AutodiffBackend>(
     base: CausalLm<B>,
@@ -670,22 +696,35 @@ fn router_stage<B: AutodiffBackend>(
     config: &SkipGptConfig,
     context: &StageContext<'_>,
 ) -> Result<Option<PathBuf>> {
-    let dir = config.run.dir.join("router");
+    let joint = config.router.mode == RouterMode::Joint;
+    let dir = config.run.dir.join(if joint { "joint" } else { "router" });
     if let Some(exported) = finished_stage("router stage", &dir) {
         return Ok(Some(exported));
     }
     let exported = dir.join("final");
     let (seed, pad_id) = (context.seed, context.pad_id);
     let mut train = config.router.train.clone();
-    train.train_only = vec!["*.router.*".into()];
+    // Two-stage: only the routers train. Joint: the adapters, and the routers beside them.
+    let lora = joint.then(|| LoraConfig {
+        modules_to_save: vec![ROUTER_PARAMETERS.into()],
+        ..config.lora.adapter.clone()
+    });
+    if !joint {
+        train.train_only = vec![ROUTER_PARAMETERS.into()];
+    }
     prepare_run_dir(&dir, context.resolved, context.tokenizer_dir)?;
     let model = with_routers(base, seed, config.router.modules);
-    let (mut trainer, saved) = Trainer::start(model, train, None, seed, &dir, &Resume::Auto)?;
+    let (mut trainer, saved) = Trainer::start(model, train, lora, seed, &dir, &Resume::Auto)?;
     let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
     leader_println!(
-        "router stage: target sparsity {:.0}%, {} steps (base frozen, routers train)",
+        "router stage: target sparsity {:.0}%, {} steps ({})",
         100.0 * config.router.sparsity,
-        config.router.train.steps
+        config.router.train.steps,
+        if joint {
+            "routers and LoRA train together"
+        } else {
+            "base frozen, routers train"
+        }
     );
     let router = &config.router;
     let peer = trainer.peer.clone();
@@ -751,8 +790,15 @@ pub fn run<B: AutodiffBackend>(
     resolved: &toml::Table,
     device: B::Device,
 ) -> Result<()> {
+    let joint = config.router.mode == RouterMode::Joint;
     let router_dir = config.run.dir.join("router").join("final");
     let lora_only = config.stages.contains(&Stage::Lora) && !config.stages.contains(&Stage::Router);
+    if lora_only && joint {
+        bail!(
+            "router.mode = joint trains routers and LoRA together in the router stage: there is \
+             no separate lora stage to run"
+        );
+    }
     if lora_only && !router_dir.join("config.json").exists() {
         bail!(
             "stage lora needs the routed model {}: run `--stage router` first",
@@ -804,31 +850,40 @@ pub fn run<B: AutodiffBackend>(
     {
         return Ok(());
     }
-    let lora_dir = config.run.dir.join("lora").join("final");
-    if config.stages.contains(&Stage::Lora) {
+    let lora_stage = SftStage {
+        name: "lora stage (routers frozen)",
+        dir: config.run.dir.join("lora"),
+        train: &config.lora.train,
+        lora: Some(config.lora.adapter.clone()),
+        rows: &rows,
+        eval_batches: &eval_batches,
+    };
+    if config.stages.contains(&Stage::Lora) && !joint {
         let routed = config.run.load_model::<B>(&router_dir, &device)?;
-        let stage = SftStage {
-            name: "lora stage (routers frozen)",
-            dir: config.run.dir.join("lora"),
-            train: &config.lora.train,
-            lora: Some(config.lora.adapter.clone()),
-            rows: &rows,
-            eval_batches: &eval_batches,
-        };
-        if train_stage(routed, &stage, &context)?.is_none() {
+        if train_stage(routed, &lora_stage, &context)?.is_none() {
             return Ok(());
         }
-        // The control for "LoRA only trained longer": the same stage on the dense base.
-        if config.controls {
-            let stage = SftStage {
-                name: "control: lora stage on the dense base",
-                dir: config.run.dir.join("lora-dense"),
-                ..stage
-            };
-            if train_stage(base.clone(), &stage, &context)?.is_none() {
-                return Ok(());
-            }
-        }
+    }
+    // The control for "LoRA only trained longer": the same LoRA training on the dense base
+    // (in joint mode as long as the joint stage).
+    let control = SftStage {
+        name: "control: lora stage on the dense base",
+        dir: config.run.dir.join("lora-dense"),
+        train: if joint {
+            &config.router.train
+        } else {
+            &config.lora.train
+        },
+        ..lora_stage
+    };
+    let lora_trained = if joint {
+        config.stages.contains(&Stage::Router)
+    } else {
+        config.stages.contains(&Stage::Lora)
+    };
+    if config.controls && lora_trained && train_stage(base.clone(), &control, &context)?.is_none()
+    {
+        return Ok(());
     }
     if !trainer::distributed::current_peer().is_leader() {
         return Ok(()); // the leader measures and reports
@@ -838,44 +893,61 @@ pub fn run<B: AutodiffBackend>(
         config.eval_batch_size,
         pad_id,
     );
+    let routed_models = match config.router.mode {
+        RouterMode::TwoStage => vec![
+            ("routers", router_dir),
+            ("routers + LoRA", config.run.dir.join("lora").join("final")),
+        ],
+        RouterMode::Joint => vec![(
+            "routers + LoRA, trained jointly",
+            config.run.dir.join("joint").join("final"),
+        )],
+    };
     report(
         &config,
         &base,
-        &router_dir,
-        &lora_dir,
+        &routed_models,
+        control.train.steps,
         (&eval_batches, &calibration),
         &device,
     )
 }
 
+/// The routers' parameters (`model.layers.N.router.*`).
+const ROUTER_PARAMETERS: &str = "*.router.*";
+
 /// Training rows the static-dropping control scores modules on.
 const CALIBRATION_ROWS: usize = 32;
 
 /// Perplexity next to the dense model, keep ratios, the routing map; `RUN/summary.{md,json}`.
+/// `routed_models`: the routed models' rows and export folders, in training order (the
+/// controls match the first one's keep ratio, the speed is measured on the last one).
 fn report<B: AutodiffBackend>(
     config: &SkipGptConfig,
     base: &CausalLm<B>,
-    router_dir: &Path,
-    lora_dir: &Path,
+    routed_models: &[(&str, PathBuf)],
+    control_lora_steps: u64,
     (eval_batches, calibration): (&[TokenBatch], &[TokenBatch]),
     device: &B::Device,
 ) -> Result<()> {
     type Eval<B> = <B as AutodiffBackend>::InnerBackend;
     let dense = without_routers(base.valid());
     let mut rows = vec![("dense".to_string(), evaluate_routed(&dense, eval_batches))];
-    for (name, dir) in [("routers", router_dir), ("routers + LoRA", lora_dir)] {
-        if dir.join("config.json").exists() {
-            let model = config.run.load_model::<Eval<B>>(dir, device)?;
-            rows.push((name.to_string(), evaluate_routed(&model, eval_batches)));
-            if config.router.eval_noise {
-                let noisy = evaluate_routed_with_noise(&model, eval_batches, Some(config.run.seed));
-                rows.push((format!("{name}, noisy evaluation"), noisy));
-            }
+    let trained: Vec<&(&str, PathBuf)> = routed_models
+        .iter()
+        .filter(|(_, dir)| dir.join("config.json").exists())
+        .collect();
+    for (name, dir) in &trained {
+        let model = config.run.load_model::<Eval<B>>(dir, device)?;
+        rows.push((name.to_string(), evaluate_routed(&model, eval_batches)));
+        if config.router.eval_noise {
+            let noisy = evaluate_routed_with_noise(&model, eval_batches, Some(config.run.seed));
+            rows.push((format!("{name}, noisy evaluation"), noisy));
         }
     }
-    let routers = rows
-        .iter()
-        .find(|(n, _)| n == "routers")
+    let routers = trained
+        .first()
+        .and_then(|(first, _)| rows.iter().find(|(n, _)| n == first))
         .map(|(_, e)| e.clone());
     if let (true, Some(routers)) = (config.controls, routers) {
         let random = Decider::Random {
@@ -897,7 +969,7 @@ fn report<B: AutodiffBackend>(
         if dense_lora.join("config.json").exists() {
             let model = config.run.load_model::<Eval<B>>(&dense_lora, device)?;
             rows.push((
-                format!("control: dense + LoRA, {} steps", config.lora.train.steps),
+                format!("control: dense + LoRA, {control_lora_steps} steps"),
                 evaluate_routed(&model, eval_batches),
             ));
         }
@@ -910,12 +982,13 @@ fn report<B: AutodiffBackend>(
         ),
     };
     let mut table = format!(
-        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity | keep ratio, modules | keep ratio, FLOPs |\n| --- | --- | --- | --- |\n",
+        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity (95% CI) | keep ratio, modules | keep ratio, FLOPs |\n| --- | --- | --- | --- |\n",
         100.0 * config.router.sparsity
     );
     for (name, eval) in &rows {
+        let (low, high) = eval.perplexity_95;
         table += &format!(
-            "| {name} | {:.3} | {:.1}% | {:.1}% |\n",
+            "| {name} | {:.3} [{low:.2}, {high:.2}] | {:.1}% | {:.1}% |\n",
             eval.perplexity,
             100.0 * eval.overall_keep,
             100.0 * eval.flops_keep
@@ -944,15 +1017,14 @@ fn report<B: AutodiffBackend>(
     }
     // Speed of the trained routed model against dense, measured (not modelled).
     let mut speeds = serde_json::Map::new();
-    if lora_dir.join("config.json").exists() {
-        let routed = config.run.load_model::<Eval<B>>(lora_dir, device)?;
+    if let Some((name, dir)) = trained.last() {
+        let routed = config.run.load_model::<Eval<B>>(dir, device)?;
         let [dense_speed, routed_speed] =
             [&dense, &routed].map(|model| measure_speed(model, eval_batches));
         let (dense_speed, routed_speed) = (dense_speed?, routed_speed?);
         table += &format!(
             "\nMeasured speed on this machine (real skipping): prefill {:.0} tokens/s dense, {:.0} \
-             routers + LoRA ({:.2}x); greedy decoding {:.1} new tokens/s dense, {:.1} routers + \
-             LoRA ({:.2}x).\n",
+             {name} ({:.2}x); greedy decoding {:.1} new tokens/s dense, {:.1} {name} ({:.2}x).\n",
             dense_speed.prefill_tokens_per_s,
             routed_speed.prefill_tokens_per_s,
             routed_speed.prefill_tokens_per_s / dense_speed.prefill_tokens_per_s,
@@ -961,7 +1033,7 @@ fn report<B: AutodiffBackend>(
             routed_speed.decode_tokens_per_s / dense_speed.decode_tokens_per_s,
         );
         speeds.insert("dense".into(), json!(dense_speed));
-        speeds.insert("routers + LoRA".into(), json!(routed_speed));
+        speeds.insert(name.to_string(), json!(routed_speed));
     }
     print!("\n{table}");
     let mut summary: serde_json::Map<String, serde_json::Value> = rows
@@ -978,6 +1050,7 @@ mod tests {
 
     fn section(curriculum_every: u64) -> RouterSection {
         RouterSection {
+            mode: RouterMode::TwoStage,
             sparsity: 0.25,
             modules: RoutedModules::Both,
             eval_noise: false,

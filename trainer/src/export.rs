@@ -31,7 +31,8 @@ pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Op
         model = lora::attach(model, lora_config, 0)?;
     }
     let tensors = checkpoint.tensors("model")?;
-    let (model, unused) = if state["model_tensors"] == "adapters" {
+    let trained_with_lora = lora.clone().filter(|_| state["model_tensors"] == "adapters");
+    let (model, unused) = if let Some(lora) = trained_with_lora {
         let base: FrozenBase = serde_json::from_value(state["base"].clone())
             .with_context(|| format!("{source}: bad `base`"))?;
         let run_dir = checkpoint_dir
@@ -48,7 +49,7 @@ pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Op
                     base_dir.display()
                 )
             })?;
-        let frozen = |name: &str| !lora::is_adapter_parameter(name);
+        let frozen = |name: &str| !lora.trains(name);
         let (model, _) = weights::load_from_source_where(model, &base_weights, &frozen)?;
         if weights::fingerprint_where(&model, &frozen) != base.sha256 {
             bail!(
@@ -57,7 +58,7 @@ pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Op
                 base_dir.display()
             );
         }
-        weights::load_from_source_where(model, &tensors, &lora::is_adapter_parameter)?
+        weights::load_from_source_where(model, &tensors, &|name| lora.trains(name))?
     } else {
         weights::load_from_source(model, &tensors)?
     };

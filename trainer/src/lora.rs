@@ -1,7 +1,9 @@
 //! LoRA: low-rank adapters on linear layers chosen by name, merging for export, and the
 //! PEFT adapter layout (adapter_config.json + adapter_model.safetensors).
 
-use crate::config::{ensure, ensure_count, ensure_fraction, ensure_positive, key, Validate};
+use crate::config::{
+    ensure, ensure_count, ensure_fraction, ensure_positive, glob_match, key, Validate,
+};
 use crate::model::layers::Lora;
 use crate::model::llama::CausalLm;
 use crate::weights::{load_tensors, named_tensors, to_host};
@@ -28,6 +30,21 @@ pub struct LoraConfig {
     /// Module names the adapters go on, matched against the end of each linear's path
     /// (`q_proj` matches `model.layers.3.self_attn.q_proj`), as PEFT's `target_modules`.
     pub targets: Vec<String>,
+    /// Other parameters that train beside the adapters and are saved with them, as PEFT's
+    /// `modules_to_save`: a module path (`lm_head`) or a pattern with `*` (`*.router.*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
+}
+
+impl LoraConfig {
+    /// Whether parameter `name` trains under this adapter: an adapter's own parameter, or one
+    /// of `modules_to_save`.
+    pub fn trains(&self, name: &str) -> bool {
+        is_adapter_parameter(name)
+            || self.modules_to_save.iter().any(|module| {
+                glob_match(module, name) || glob_match(&format!("{module}.*"), name)
+            })
+    }
 }
 
 impl Validate for LoraConfig {
@@ -220,6 +237,8 @@ pub fn read_peft_config(dir: &Path) -> Result<LoraConfig> {
         alpha: alpha as f32,
         dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
         targets,
+        // PEFT's saved modules arrive as whole tensors in adapter_model.safetensors (below).
+        modules_to_save: Vec::new(),
     })
 }
 

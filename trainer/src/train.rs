@@ -168,6 +168,7 @@ impl TrainConfig {
     }
 }
 
+pub use crate::config::glob_match;
 pub use crate::run_dir::Resume;
 
 /// The run's resolved config (config.toml) as JSON, for the W&B run's config.
@@ -179,29 +180,10 @@ fn resolved_config(run_dir: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Glob match with `*` standing for any run of characters.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || !name[first.len()..].ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
-        match rest.find(middle) {
-            Some(at) => rest = &rest[at + middle.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
-/// Whether parameter `name` trains: with LoRA only adapters do; `freeze` patterns never do.
-fn is_trainable(config: &TrainConfig, adapters_only: bool, name: &str) -> bool {
-    let candidate = !adapters_only || lora::is_adapter_parameter(name);
+/// Whether parameter `name` trains: with LoRA only what the adapter trains (its own
+/// parameters and `modules_to_save`); `freeze` patterns never do.
+fn is_trainable(config: &TrainConfig, lora: Option<&LoraConfig>, name: &str) -> bool {
+    let candidate = lora.is_none_or(|lora| lora.trains(name));
     let selected = config.train_only.is_empty()
         || config
             .train_only
@@ -568,7 +550,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             None => model,
         };
         let model = set_trainable(model, &|name: &str| {
-            is_trainable(&config, lora.is_some(), name)
+            is_trainable(&config, lora.as_ref(), name)
         });
         let checkpoints = CheckpointDir::new(run_dir);
         let peer = current_peer();
@@ -699,13 +681,11 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         let state = checkpoint.state()?;
         let source = checkpoint.tensors("model")?;
         let model = self.model.clone();
-        let adapters_only = state["model_tensors"] == "adapters";
-        let loaded = if adapters_only {
+        let loaded = if let Some(lora) = self.lora.clone().filter(|_| state["model_tensors"] == "adapters") {
             // The frozen base is the model the recipe built: check it is the one trained on.
             let base: FrozenBase = serde_json::from_value(state["base"].clone())
                 .context("state.json: `base` missing or malformed")?;
-            let sha256 =
-                weights::fingerprint_where(&model, &|name| !lora::is_adapter_parameter(name));
+            let sha256 = weights::fingerprint_where(&model, &|name| !lora.trains(name));
             if sha256 != base.sha256 {
                 bail!(
                     "checkpoint {} holds LoRA adapters trained on another base model than this run \
@@ -715,7 +695,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
                 );
             }
             self.frozen_sha256 = Some(sha256);
-            weights::load_from_source_where(model, &source, &lora::is_adapter_parameter)
+            weights::load_from_source_where(model, &source, &|name| lora.trains(name))
         } else {
             weights::load_from_source(model, &source)
         };
@@ -729,9 +709,8 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             );
         }
         // Loaded parameters come back trainable: apply the freezing again.
-        let adapters_only = self.lora.is_some();
         self.model = set_trainable(model, &|name: &str| {
-            is_trainable(&self.config, adapters_only, name)
+            is_trainable(&self.config, self.lora.as_ref(), name)
         });
         let optimizer_steps = state["optimizer_steps"]
             .as_u64()
@@ -1113,11 +1092,12 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
             }
             Some(lora_config) => {
                 let base = self.frozen_base()?;
-                let adapters: Vec<_> = weights
+                // What the adapter trains: its own tensors and `modules_to_save`.
+                let trained: Vec<_> = weights
                     .into_iter()
-                    .filter(|(name, _)| lora::is_adapter_parameter(name))
+                    .filter(|(name, _)| lora_config.trains(name))
                     .collect();
-                let peft = lora::peft_adapter_tensors(adapters.clone())?;
+                let peft = lora::peft_adapter_tensors(trained.clone())?;
                 let peft_config = lora::peft_adapter_config(
                     &lora_config,
                     &base.folder(&self.run_dir).display().to_string(),
@@ -1126,7 +1106,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
                 state["base"] = serde_json::to_value(&base)?;
                 (
                     vec![
-                        ("model".to_string(), adapters),
+                        ("model".to_string(), trained),
                         ("adapter_model".to_string(), peft),
                     ],
                     vec![("adapter_config.json".to_string(), peft_config)],
@@ -1151,9 +1131,10 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
     /// that has none on disk (trained from scratch, or changed by its recipe), `RUN/base`,
     /// written once; with their fingerprint, computed once.
     fn frozen_base(&mut self) -> Result<FrozenBase> {
+        let lora = self.lora.clone().context("the frozen base of a run without LoRA")?;
         if self.frozen_sha256.is_none() {
             self.frozen_sha256 = Some(weights::fingerprint_where(&self.model, &|name| {
-                !lora::is_adapter_parameter(name)
+                !lora.trains(name)
             }));
         }
         let sha256 = self.frozen_sha256.clone().expect("just computed");
@@ -1164,7 +1145,7 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
                 if !dir.join("config.json").exists() {
                     let frozen: Vec<_> = named_tensors(&self.model)
                         .into_iter()
-                        .filter(|(name, _)| !lora::is_adapter_parameter(name))
+                        .filter(|(name, _)| !lora.trains(name))
                         .collect();
                     let tokenizer = self.run_dir.join(crate::export::RUN_TOKENIZER_DIR);
                     let tokenizer = tokenizer.exists().then_some(tokenizer);

@@ -181,6 +181,7 @@ fn lora_trains_only_adapters_and_merging_keeps_the_output() {
         alpha: 8.0,
         dropout: 0.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "gate_proj".into()],
+        modules_to_save: Vec::new(),
     };
     let rows = rows();
     let all: Vec<&TokenRow> = rows.iter().collect();
