@@ -268,7 +268,12 @@ fn joint_mode_trains_routers_and_adapters_together_and_saves_both() {
             .all(|n| n.contains(".router.") || n.contains(".lora.")),
         "{moved:?}"
     );
-    for part in [".router.attn.", ".router.mlp.", "q_proj.lora.", "v_proj.lora."] {
+    for part in [
+        ".router.attn.",
+        ".router.mlp.",
+        "q_proj.lora.",
+        "v_proj.lora.",
+    ] {
         assert!(moved.iter().any(|n| n.contains(part)), "{part}: {moved:?}");
     }
 
@@ -438,7 +443,10 @@ fn evaluation_counts_keep_ratios_per_layer_and_kind() {
     assert!(eval.perplexity.is_finite() && eval.perplexity > 1.0);
     // The interval resamples the two rows: it holds the perplexity and has width.
     let (low, high) = eval.perplexity_95;
-    assert!(low <= eval.perplexity && eval.perplexity <= high && low < high, "{eval:?}");
+    assert!(
+        low <= eval.perplexity && eval.perplexity <= high && low < high,
+        "{eval:?}"
+    );
     let dense = evaluate_routed(&without_routers(model.clone()), &[batch()]);
     assert_eq!(dense.overall_keep, 1.0);
     assert_ne!(dense.perplexity, eval.perplexity);
@@ -546,7 +554,10 @@ fn joint_mode_runs_one_stage_through_the_binary() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("joint"), "{stderr}");
+    assert!(
+        !output.status.success() && stderr.contains("joint"),
+        "{stderr}"
+    );
 
     run_to_end(skipgpt_command(&run_dir, &joint));
     let summary: Value =
@@ -562,9 +573,11 @@ fn joint_mode_runs_one_stage_through_the_binary() {
             "{control}: {names:?}"
         );
     }
-    assert!(summary["speed"]["routers + LoRA, trained jointly"]["decode_tokens_per_s"]
-        .as_f64()
-        .is_some_and(|v| v > 0.0));
+    assert!(
+        summary["speed"]["routers + LoRA, trained jointly"]["decode_tokens_per_s"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0)
+    );
     assert!(!run_dir.join("router").exists() && !run_dir.join("lora").exists());
     let final_dir = run_dir.join("joint/final");
     let source = WeightSource::open(&[final_dir.join("model.safetensors")]).unwrap();

@@ -563,8 +563,16 @@ pub fn evaluate_deciding<B: Backend>(
         let selected = on_device.selected;
         let sums = (token_nll(logits, on_device.targets) * selected.clone()).sum_dim(1);
         let counts = selected.sum_dim(1);
-        let sums = sums.into_data().convert::<f64>().to_vec::<f64>().expect("f64");
-        let counts = counts.into_data().convert::<f64>().to_vec::<f64>().expect("f64");
+        let sums = sums
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("f64");
+        let counts = counts
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("f64");
         row_nll.extend(sums.into_iter().zip(counts).map(|(s, c)| (s, c as usize)));
         for (layer, decision) in decisions.iter().enumerate() {
             for (kind, flags) in [&decision.attn, &decision.mlp].into_iter().enumerate() {
@@ -881,8 +889,7 @@ pub fn run<B: AutodiffBackend>(
     } else {
         config.stages.contains(&Stage::Lora)
     };
-    if config.controls && lora_trained && train_stage(base.clone(), &control, &context)?.is_none()
-    {
+    if config.controls && lora_trained && train_stage(base.clone(), &control, &context)?.is_none() {
         return Ok(());
     }
     if !trainer::distributed::current_peer().is_leader() {

@@ -31,7 +31,9 @@ pub fn load_checkpoint_model(checkpoint_dir: &Path) -> Result<(CausalLm<Cpu>, Op
         model = lora::attach(model, lora_config, 0)?;
     }
     let tensors = checkpoint.tensors("model")?;
-    let trained_with_lora = lora.clone().filter(|_| state["model_tensors"] == "adapters");
+    let trained_with_lora = lora
+        .clone()
+        .filter(|_| state["model_tensors"] == "adapters");
     let (model, unused) = if let Some(lora) = trained_with_lora {
         let base: FrozenBase = serde_json::from_value(state["base"].clone())
             .with_context(|| format!("{source}: bad `base`"))?;

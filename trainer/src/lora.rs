@@ -41,9 +41,10 @@ impl LoraConfig {
     /// of `modules_to_save`.
     pub fn trains(&self, name: &str) -> bool {
         is_adapter_parameter(name)
-            || self.modules_to_save.iter().any(|module| {
-                glob_match(module, name) || glob_match(&format!("{module}.*"), name)
-            })
+            || self
+                .modules_to_save
+                .iter()
+                .any(|module| glob_match(module, name) || glob_match(&format!("{module}.*"), name))
     }
 }
 

@@ -681,7 +681,11 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
         let state = checkpoint.state()?;
         let source = checkpoint.tensors("model")?;
         let model = self.model.clone();
-        let loaded = if let Some(lora) = self.lora.clone().filter(|_| state["model_tensors"] == "adapters") {
+        let loaded = if let Some(lora) = self
+            .lora
+            .clone()
+            .filter(|_| state["model_tensors"] == "adapters")
+        {
             // The frozen base is the model the recipe built: check it is the one trained on.
             let base: FrozenBase = serde_json::from_value(state["base"].clone())
                 .context("state.json: `base` missing or malformed")?;
@@ -1131,7 +1135,10 @@ impl<B: AutodiffBackend, M: Trainable<B>> Trainer<B, M> {
     /// that has none on disk (trained from scratch, or changed by its recipe), `RUN/base`,
     /// written once; with their fingerprint, computed once.
     fn frozen_base(&mut self) -> Result<FrozenBase> {
-        let lora = self.lora.clone().context("the frozen base of a run without LoRA")?;
+        let lora = self
+            .lora
+            .clone()
+            .context("the frozen base of a run without LoRA")?;
         if self.frozen_sha256.is_none() {
             self.frozen_sha256 = Some(weights::fingerprint_where(&self.model, &|name| {
                 !lora.trains(name)

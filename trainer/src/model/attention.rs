@@ -18,6 +18,7 @@ use super::layers::{Linear, Rope, RopeTables};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::TensorData;
+use std::sync::{Arc, Mutex};
 
 /// Where each token of a sequence sits, `[batch, n]` each.
 #[derive(Debug, Clone)]
@@ -120,6 +121,68 @@ pub struct Context<B: Backend> {
     pub bias: Option<Tensor<B, 4>>,
     /// Whether attention returns its probabilities (`[batch, heads, n, keys]` per layer).
     pub return_probs: bool,
+    /// The mask, when this context decides it alone, made once for all layers (edit a clone,
+    /// not a context already used: the mask is made from the fields on first use).
+    shared_mask: SharedMask<B>,
+}
+
+/// A mask computed once and shared by every layer of a forward pass: `[batch, 1, queries,
+/// keys]`, and spread over the heads (`[batch, kv_heads, groups, queries, keys]`, contiguous)
+/// so that filling the scores takes the CPU backend's fast path instead of walking a broadcast
+/// view element by element in every layer, forward and backward.
+/// A cloned context may be edited (its fields are public), so a clone starts with an empty
+/// mask of its own; [`SharedMask::handle`] is what shares one.
+#[derive(Debug, Default)]
+pub struct SharedMask<B: Backend>(Arc<Mutex<MaskState<B>>>);
+
+impl<B: Backend> Clone for SharedMask<B> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+#[derive(Debug, Default)]
+struct MaskState<B: Backend> {
+    blocked: Option<Tensor<B, 4, Bool>>,
+    spread: Option<Tensor<B, 5, Bool>>,
+}
+
+impl<B: Backend> SharedMask<B> {
+    /// The same mask, for the layers of one forward pass.
+    fn handle(&self) -> Self {
+        Self(self.0.clone())
+    }
+
+    fn blocked_or(&self, make: impl FnOnce() -> Tensor<B, 4, Bool>) -> Tensor<B, 4, Bool> {
+        let mut state = self.0.lock().expect("mask lock");
+        state.blocked.get_or_insert_with(make).clone()
+    }
+
+    /// `blocked` spread over `kv_heads` x `groups` heads.
+    fn spread(
+        &self,
+        blocked: &Tensor<B, 4, Bool>,
+        kv_heads: usize,
+        groups: usize,
+    ) -> Tensor<B, 5, Bool> {
+        let [batch, _, queries, keys] = blocked.dims();
+        let shape = [batch, kv_heads, groups, queries, keys];
+        let mut state = self.0.lock().expect("mask lock");
+        match &state.spread {
+            Some(spread) if spread.dims() == shape => spread.clone(),
+            _ => {
+                // Reshaping the expanded view copies it into a contiguous tensor.
+                let spread = blocked
+                    .clone()
+                    .unsqueeze_dim::<5>(2)
+                    .expand(shape)
+                    .reshape([batch * kv_heads * groups, queries, keys])
+                    .reshape(shape);
+                state.spread = Some(spread.clone());
+                spread
+            }
+        }
+    }
 }
 
 impl<B: Backend> Context<B> {
@@ -130,11 +193,13 @@ impl<B: Backend> Context<B> {
             allowed: None,
             bias: None,
             return_probs: false,
+            shared_mask: SharedMask::default(),
         }
     }
 
     pub fn with_mask(mut self, allowed: Tensor<B, 4, Bool>) -> Self {
         self.allowed = Some(allowed);
+        self.shared_mask = SharedMask::default();
         self
     }
 
@@ -172,13 +237,11 @@ impl<B: Backend> Context<B> {
         };
         let context = Self {
             tokens: self.tokens.select(keep.clone()),
-            rope: RopeTables {
-                cos: rows(self.rope.cos.clone()),
-                sin: rows(self.rope.sin.clone()),
-            },
+            rope: RopeTables::new(rows(self.rope.cos.clone()), rows(self.rope.sin.clone())),
             allowed: None,
             bias: None,
             return_probs: self.return_probs,
+            shared_mask: SharedMask::default(),
         };
         let hidden = hidden.gather(1, keep.reshape([batch, k, 1]).expand([batch, k, dim]));
         (context, hidden)
@@ -192,13 +255,14 @@ impl<B: Backend> Context<B> {
         }
         Self {
             tokens: TokenSlots::cat(parts.iter().map(|p| p.tokens.clone()).collect()),
-            rope: RopeTables {
-                cos: Tensor::cat(parts.iter().map(|p| p.rope.cos.clone()).collect(), 2),
-                sin: Tensor::cat(parts.iter().map(|p| p.rope.sin.clone()).collect(), 2),
-            },
+            rope: RopeTables::new(
+                Tensor::cat(parts.iter().map(|p| p.rope.cos.clone()).collect(), 2),
+                Tensor::cat(parts.iter().map(|p| p.rope.sin.clone()).collect(), 2),
+            ),
             allowed: None,
             bias: None,
             return_probs: parts.iter().any(|p| p.return_probs),
+            shared_mask: SharedMask::default(),
         }
     }
 
@@ -214,13 +278,14 @@ impl<B: Backend> Context<B> {
         rows.assert_editable();
         let merged = Self {
             tokens: TokenSlots::cat(vec![self.tokens.clone(), rows.tokens.clone()]),
-            rope: RopeTables {
-                cos: Tensor::cat(vec![self.rope.cos.clone(), rows.rope.cos.clone()], 2),
-                sin: Tensor::cat(vec![self.rope.sin.clone(), rows.rope.sin.clone()], 2),
-            },
+            rope: RopeTables::new(
+                Tensor::cat(vec![self.rope.cos.clone(), rows.rope.cos.clone()], 2),
+                Tensor::cat(vec![self.rope.sin.clone(), rows.rope.sin.clone()], 2),
+            ),
             allowed: None,
             bias: None,
             return_probs: self.return_probs,
+            shared_mask: SharedMask::default(),
         };
         let hidden = Tensor::cat(vec![hidden, row_hidden], 1);
         let order = merged.tokens.positions.clone().argsort(1);
@@ -310,6 +375,8 @@ pub struct Keys<B: Backend> {
     pub values: Tensor<B, 4>,
     /// `[batch, 1, queries, keys]`, true where a query may not look.
     pub blocked: Tensor<B, 4, Bool>,
+    /// Where the mask is shared by every layer (see [`SharedMask`]).
+    pub shared_mask: Option<SharedMask<B>>,
 }
 
 #[derive(Module, Debug)]
@@ -343,11 +410,21 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// `[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]`.
-    fn split_heads(&self, t: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    /// `[batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]`, rotated by `rope`
+    /// when given (before the heads move forward: the rotation reads contiguous rows).
+    fn split_heads(
+        &self,
+        t: Tensor<B, 3>,
+        heads: usize,
+        rope: Option<&RopeTables<B>>,
+    ) -> Tensor<B, 4> {
         let [batch, seq, _] = t.dims();
-        t.reshape([batch, seq, heads, self.head_dim])
-            .swap_dims(1, 2)
+        let t = t.reshape([batch, seq, heads, self.head_dim]);
+        match rope {
+            Some(rope) => rope.apply(t),
+            None => t,
+        }
+        .swap_dims(1, 2)
     }
 
     /// The keys and values of `x: [batch, seq, hidden]` (rotated at the context's positions),
@@ -355,10 +432,12 @@ impl<B: Backend> Attention<B> {
     /// mask of the context's queries over all of them.
     pub fn keys(&self, x: Tensor<B, 3>, context: &Context<B>, kv: KvAccess<'_, B>) -> Keys<B> {
         let new = LayerKv {
-            keys: context
-                .rope
-                .apply(self.split_heads(self.k_proj.forward(x.clone()), self.num_kv_heads)),
-            values: self.split_heads(self.v_proj.forward(x), self.num_kv_heads),
+            keys: self.split_heads(
+                self.k_proj.forward(x.clone()),
+                self.num_kv_heads,
+                Some(&context.rope),
+            ),
+            values: self.split_heads(self.v_proj.forward(x), self.num_kv_heads, None),
             slots: context.allowed.is_none().then(|| context.tokens.clone()),
         };
         let own = match kv.cache {
@@ -372,26 +451,37 @@ impl<B: Backend> Attention<B> {
             }
             None => new,
         };
-        let allowed = match &context.allowed {
-            Some(allowed) => allowed.clone(),
-            None => {
-                let own_mask = context.tokens.may_see(own.slots());
-                match kv.prefix {
-                    Some(prefix) => {
-                        let [batch, _, queries, _] = own_mask.dims();
-                        let visible = prefix
-                            .slots()
-                            .valid
-                            .clone()
-                            .int()
-                            .reshape([batch, 1, 1, prefix.len()])
-                            .expand([batch, 1, queries, prefix.len()])
-                            .equal_elem(1);
-                        Tensor::cat(vec![visible.int(), own_mask.int()], 3).equal_elem(1)
+        // Without stores of earlier tokens (or with an explicit mask, which describes one
+        // layout for all layers) the context alone decides the mask: every layer shares it.
+        let shared =
+            context.allowed.is_some() || (kv.prefix.is_none() && own.len() == context.tokens.len());
+        let make_blocked = || {
+            match &context.allowed {
+                Some(allowed) => allowed.clone(),
+                None => {
+                    let own_mask = context.tokens.may_see(own.slots());
+                    match kv.prefix {
+                        Some(prefix) => {
+                            let [batch, _, queries, _] = own_mask.dims();
+                            let visible = prefix
+                                .slots()
+                                .valid
+                                .clone()
+                                .int()
+                                .reshape([batch, 1, 1, prefix.len()])
+                                .expand([batch, 1, queries, prefix.len()])
+                                .equal_elem(1);
+                            Tensor::cat(vec![visible.int(), own_mask.int()], 3).equal_elem(1)
+                        }
+                        None => own_mask,
                     }
-                    None => own_mask,
                 }
             }
+            .bool_not()
+        };
+        let blocked = match shared {
+            true => context.shared_mask.blocked_or(make_blocked),
+            false => make_blocked(),
         };
         let (keys, values) = match kv.prefix {
             Some(prefix) => (
@@ -403,7 +493,8 @@ impl<B: Backend> Attention<B> {
         Keys {
             keys,
             values,
-            blocked: allowed.bool_not(),
+            blocked,
+            shared_mask: shared.then(|| context.shared_mask.handle()),
         }
     }
 
@@ -419,9 +510,14 @@ impl<B: Backend> Attention<B> {
         return_probs: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
         let [batch, n, _] = x.dims();
-        let q = rope.apply(self.split_heads(self.q_proj.forward(x), self.num_heads));
+        let q = self.split_heads(self.q_proj.forward(x), self.num_heads, Some(rope));
+        let groups = self.num_heads / self.num_kv_heads;
+        let blocked = match &keys.shared_mask {
+            Some(shared) => shared.spread(&keys.blocked, self.num_kv_heads, groups),
+            None => keys.blocked.unsqueeze_dim::<5>(2),
+        };
         let (out, probs) =
-            grouped_attention(q, keys.keys, keys.values, keys.blocked, bias, return_probs);
+            spread_grouped_attention(q, keys.keys, keys.values, blocked, bias, return_probs);
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, n, self.num_heads * self.head_dim]);
@@ -438,12 +534,16 @@ impl<B: Backend> Attention<B> {
         queries: Tensor<B, 2, Int>,
     ) -> Tensor<B, 4> {
         let (query_context, query_x) = context.select(x.clone(), queries);
-        let keys = context
-            .rope
-            .apply(self.split_heads(self.k_proj.forward(x), self.num_kv_heads));
-        let q = query_context
-            .rope
-            .apply(self.split_heads(self.q_proj.forward(query_x), self.num_heads));
+        let keys = self.split_heads(
+            self.k_proj.forward(x),
+            self.num_kv_heads,
+            Some(&context.rope),
+        );
+        let q = self.split_heads(
+            self.q_proj.forward(query_x),
+            self.num_heads,
+            Some(&query_context.rope),
+        );
         let blocked = query_context.tokens.may_see(&context.tokens).bool_not();
         // The values do not change the probabilities: the keys stand in for them.
         let (_, probs) = grouped_attention(q, keys.clone(), keys, blocked, None, true);
@@ -484,6 +584,18 @@ pub fn grouped_attention<B: Backend>(
     bias: Option<Tensor<B, 4>>,
     return_probs: bool,
 ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
+    spread_grouped_attention(q, k, v, blocked.unsqueeze_dim::<5>(2), bias, return_probs)
+}
+
+/// [`grouped_attention`] with the mask `[batch, 1 or kv_heads, 1 or groups, queries, keys]`.
+fn spread_grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    blocked: Tensor<B, 5, Bool>,
+    bias: Option<Tensor<B, 4>>,
+    return_probs: bool,
+) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
     let [batch, heads, queries, head_dim] = q.dims();
     let [_, kv_heads, keys, _] = k.dims();
     let groups = heads / kv_heads;
@@ -500,7 +612,7 @@ pub fn grouped_attention<B: Backend>(
         scores = scores + bias;
     }
     // f32::MIN rather than -inf: a fully masked row (a padding query) stays finite.
-    let scores = scores.mask_fill(blocked.unsqueeze_dim::<5>(2), f32::MIN);
+    let scores = scores.mask_fill(blocked, f32::MIN);
     let probs = softmax(scores, 4);
     let returned = return_probs.then(|| probs.clone().reshape([batch, heads, queries, keys]));
     let out = probs

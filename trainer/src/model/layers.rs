@@ -195,6 +195,20 @@ pub struct Rope {
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
+    /// The tables spread over every head, made once per head count and shared by all layers:
+    /// element-wise products of same-shaped contiguous tensors take the CPU backend's fast
+    /// path, where a broadcast over heads walks every element through strided indexing.
+    spread: std::sync::Arc<std::sync::Mutex<Vec<SpreadTables<B>>>>,
+}
+
+/// `[batch, seq, heads, head_dim]` cos and sin, and the `[head_dim, head_dim]` matrix that
+/// rotates halves.
+#[derive(Debug, Clone)]
+struct SpreadTables<B: Backend> {
+    heads: usize,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+    rotation: Tensor<B, 2>,
 }
 
 impl Rope {
@@ -245,18 +259,64 @@ impl Rope {
             cos = cos.mul_scalar(self.attention_scaling);
             sin = sin.mul_scalar(self.attention_scaling);
         }
-        RopeTables { cos, sin }
+        RopeTables::new(cos, sin)
     }
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Rotates `x: [batch, heads, seq, head_dim]`.
+    /// Tables from cos and sin, each `[batch, 1, seq, head_dim]`.
+    pub fn new(cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Self {
+        Self {
+            cos,
+            sin,
+            spread: Default::default(),
+        }
+    }
+
+    /// Rotates `x: [batch, seq, heads, head_dim]` (the layout the projections produce):
+    /// `x * cos + rotate_half(x) * sin`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, s, d] = x.dims();
-        let first = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let second = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [b, s, h, d] = x.dims();
+        let tables = self.spread_over(h);
+        // rotate_half(x) = [-x2, x1] as one product with a signed permutation: exact (each
+        // output is one input times ±1) and free of the strided copies of slicing and cat.
+        let rotated = x
+            .clone()
+            .reshape([b * s * h, d])
+            .matmul(tables.rotation)
+            .reshape([b, s, h, d]);
+        x * tables.cos + rotated * tables.sin
+    }
+
+    fn spread_over(&self, heads: usize) -> SpreadTables<B> {
+        let mut made = self.spread.lock().expect("rope tables lock");
+        if let Some(tables) = made.iter().find(|t| t.heads == heads) {
+            return tables.clone();
+        }
+        let [b, _, s, d] = self.cos.dims();
+        // Reshaping the expanded view copies it into a contiguous tensor.
+        let spread = |t: &Tensor<B, 4>| {
+            t.clone()
+                .swap_dims(1, 2)
+                .expand([b, s, heads, d])
+                .reshape([b * s, heads * d])
+                .reshape([b, s, heads, d])
+        };
+        let half = d / 2;
+        let mut rotation = vec![0f32; d * d];
+        for j in 0..half {
+            rotation[(j + half) * d + j] = -1.0; // output j takes -x[j + d/2]
+            rotation[j * d + j + half] = 1.0; // output j + d/2 takes x[j]
+        }
+        let device = self.cos.device();
+        let tables = SpreadTables {
+            heads,
+            cos: spread(&self.cos),
+            sin: spread(&self.sin),
+            rotation: Tensor::from_data(TensorData::new(rotation, [d, d]), &device),
+        };
+        made.push(tables.clone());
+        tables
     }
 }
 
@@ -267,6 +327,34 @@ mod tests {
     use burn::tensor::DType;
 
     type B = burn::backend::Autodiff<crate::Cpu>;
+
+    /// The rotation as `transformers` writes it: `x * cos + rotate_half(x) * sin`, with
+    /// `rotate_half` slicing the halves apart; ours multiplies by a signed permutation
+    /// instead, which must give the same bits, also for the second head count of a table.
+    #[test]
+    fn rope_rotation_equals_rotate_half_bit_for_bit() {
+        let device = Default::default();
+        let mut init = ParamInit::normal(3, 1.0);
+        let rope = Rope {
+            inv_freq: Rope::default_inv_freq(10000.0, 8),
+            attention_scaling: 1.0,
+        };
+        let positions = Tensor::<crate::Cpu, 2, Int>::from_data([[0i64, 1, 2], [5, 3, 0]], &device);
+        let tables = rope.tables(positions);
+        for heads in [4, 2, 4] {
+            let x: Tensor<crate::Cpu, 4> = init.tensor([2, 3, heads, 8], &device).val();
+            let ours = tables.apply(x.clone());
+            let x = x.swap_dims(1, 2); // [batch, heads, seq, head_dim]
+            let first = x.clone().slice(s![.., .., .., 0..4]);
+            let second = x.clone().slice(s![.., .., .., 4..8]);
+            let rotated = Tensor::cat(vec![second.neg(), first], 3);
+            let expected = x * tables.cos.clone() + rotated * tables.sin.clone();
+            assert_eq!(
+                ours.swap_dims(1, 2).into_data().to_vec::<f32>().unwrap(),
+                expected.into_data().to_vec::<f32>().unwrap()
+            );
+        }
+    }
 
     #[test]
     fn bf16_linear_rounds_like_bfloat16_and_trains_f32_weights() {

@@ -125,10 +125,10 @@ impl<B: Backend> DecoderLayer<B> {
             }
             let at = index_tensor::<B>(&picked, &device);
             let rows = |t: Tensor<B, 4>| t.slice(s![row..row + 1]).select(2, at.clone());
-            let rope = RopeTables {
-                cos: rows(context.rope.cos.clone()),
-                sin: rows(context.rope.sin.clone()),
-            };
+            let rope = RopeTables::new(
+                rows(context.rope.cos.clone()),
+                rows(context.rope.sin.clone()),
+            );
             // Through ints: selecting rows of a bool tensor loses its dtype on Flex.
             let blocked = keys
                 .blocked
@@ -145,6 +145,7 @@ impl<B: Backend> DecoderLayer<B> {
                 keys: keys.keys.clone().slice(s![row..row + 1]),
                 values: keys.values.clone().slice(s![row..row + 1]),
                 blocked,
+                shared_mask: None,
             };
             let bias = context.bias.clone().map(rows);
             let (update, _) = self.self_attn.attend(x, &rope, row_keys, bias, false);
