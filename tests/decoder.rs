@@ -293,21 +293,18 @@ fn layers_may_hold_different_tokens_in_their_caches() {
         let [b, h, _, d] = t.dims();
         t.gather(2, keep.clone().reshape([b, 1, 6, 1]).expand([b, h, 6, d]))
     };
-    shorter.layers[3] = Some(LayerKv {
-        keys: gather(layer.keys.clone()),
-        values: gather(layer.values.clone()),
-        slots: layer.slots.as_ref().map(|slots| slots.select(keep.clone())),
-    });
+    shorter.layers[3] = Some(LayerKv::new(
+        gather(layer.keys()),
+        gather(layer.values()),
+        layer.slots.as_ref().map(|slots| slots.select(keep.clone())),
+    ));
     let mut masked = full.clone();
     let mut slots = layer.slots.clone().unwrap();
     slots.valid = Tensor::from_data(
         [[true, true, false, true, true, false, true, true]],
         &device,
     );
-    masked.layers[3] = Some(LayerKv {
-        slots: Some(slots),
-        ..layer
-    });
+    masked.layers[3] = Some(LayerKv::new(layer.keys(), layer.values(), Some(slots)));
     assert_eq!((shorter.len_of(2), shorter.len_of(3)), (8, 6));
 
     let next = |cache: &mut KvCache<B>| {

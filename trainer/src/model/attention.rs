@@ -297,26 +297,71 @@ impl<B: Backend> Context<B> {
 /// tokens. A store written under explicit masks keeps no slots (generation needs none, and
 /// skipping them keeps decoding as cheap as before): it must then always be read under
 /// explicit masks.
+///
+/// The tensors have room after the stored tokens (the capacity doubles when full), so that
+/// a decoding step writes its keys in place instead of copying the whole store.
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
-    pub keys: Tensor<B, 4>,
-    pub values: Tensor<B, 4>,
+    /// `[batch, kv_heads, capacity, head_dim]`, the first `len` positions in use.
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    len: usize,
     pub slots: Option<TokenSlots<B>>,
 }
 
 impl<B: Backend> LayerKv<B> {
+    /// A store of `keys` and `values`, each `[batch, kv_heads, len, head_dim]`.
+    pub fn new(keys: Tensor<B, 4>, values: Tensor<B, 4>, slots: Option<TokenSlots<B>>) -> Self {
+        Self {
+            len: keys.dims()[2],
+            keys,
+            values,
+            slots,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.keys.dims()[2]
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// The stored keys, `[batch, kv_heads, len, head_dim]`.
+    pub fn keys(&self) -> Tensor<B, 4> {
+        self.in_use(&self.keys)
+    }
+
+    /// The stored values, `[batch, kv_heads, len, head_dim]`.
+    pub fn values(&self) -> Tensor<B, 4> {
+        self.in_use(&self.values)
+    }
+
+    fn in_use(&self, t: &Tensor<B, 4>) -> Tensor<B, 4> {
+        match t.dims()[2] == self.len {
+            true => t.clone(),
+            false => t.clone().slice(s![.., .., 0..self.len]),
+        }
     }
 
     fn append(self, newer: Self) -> Self {
+        let (stored, len) = (self.len, self.len + newer.len);
+        let [batch, heads, capacity, head_dim] = self.keys.dims();
+        // Moved, not cloned: a store no one else holds is written in place.
+        let write = |store: Tensor<B, 4>, new: Tensor<B, 4>| match len <= capacity {
+            true => store.slice_assign(s![.., .., stored..len], new),
+            false => {
+                let room = len.max(2 * capacity) - len;
+                let room = Tensor::zeros([batch, heads, room, head_dim], &new.device());
+                Tensor::cat(vec![store.slice(s![.., .., 0..stored]), new, room], 2)
+            }
+        };
+        let (new_keys, new_values) = (newer.keys(), newer.values());
         Self {
-            keys: Tensor::cat(vec![self.keys, newer.keys], 2),
-            values: Tensor::cat(vec![self.values, newer.values], 2),
+            keys: write(self.keys, new_keys),
+            values: write(self.values, new_values),
+            len,
             slots: match (self.slots, newer.slots) {
                 (Some(old), Some(new)) => Some(TokenSlots::cat(vec![old, new])),
                 _ => None,
@@ -431,15 +476,15 @@ impl<B: Backend> Attention<B> {
     /// appended to the written store when there is one, behind the prefix store, with the
     /// mask of the context's queries over all of them.
     pub fn keys(&self, x: Tensor<B, 3>, context: &Context<B>, kv: KvAccess<'_, B>) -> Keys<B> {
-        let new = LayerKv {
-            keys: self.split_heads(
+        let new = LayerKv::new(
+            self.split_heads(
                 self.k_proj.forward(x.clone()),
                 self.num_kv_heads,
                 Some(&context.rope),
             ),
-            values: self.split_heads(self.v_proj.forward(x), self.num_kv_heads, None),
-            slots: context.allowed.is_none().then(|| context.tokens.clone()),
-        };
+            self.split_heads(self.v_proj.forward(x), self.num_kv_heads, None),
+            context.allowed.is_none().then(|| context.tokens.clone()),
+        );
         let own = match kv.cache {
             Some(slot) => {
                 let all = match slot.take() {
@@ -485,10 +530,10 @@ impl<B: Backend> Attention<B> {
         };
         let (keys, values) = match kv.prefix {
             Some(prefix) => (
-                Tensor::cat(vec![prefix.keys.clone(), own.keys], 2),
-                Tensor::cat(vec![prefix.values.clone(), own.values], 2),
+                Tensor::cat(vec![prefix.keys(), own.keys()], 2),
+                Tensor::cat(vec![prefix.values(), own.values()], 2),
             ),
-            None => (own.keys, own.values),
+            None => (own.keys(), own.values()),
         };
         Keys {
             keys,
