@@ -492,6 +492,16 @@ fn all_stages_run_report_and_export_through_the_binary() {
             "{control}: {names:?}"
         );
     }
+    // Each row against the routers, with a paired interval over the same held-out rows.
+    let paired = &summary["perplexity ratio against routers (paired 95% CI)"];
+    for name in ["routers + LoRA", "dense"] {
+        let ratio: Vec<f64> = serde_json::from_value(paired[name].clone()).unwrap();
+        let slack = 1e-9 * ratio[0];
+        assert!(
+            ratio[1] - slack <= ratio[0] && ratio[0] <= ratio[2] + slack,
+            "{name}: {ratio:?}"
+        );
+    }
     assert!(run_dir.join("lora-dense/final/config.json").exists());
     for model in ["dense", "routers + LoRA"] {
         let speed = &summary["speed"][model];

@@ -186,6 +186,26 @@ pub fn perplexity_interval(records: &[(f64, usize)], resamples: usize, seed: u64
     (low.exp(), high.exp())
 }
 
+/// A 95% paired-bootstrap interval for the perplexity ratio of two models scored on the same
+/// records, each given as (summed NLL, token count) in the same order: the records are resampled
+/// together, so what both models find hard cancels out (much narrower than comparing the two
+/// perplexities' own intervals).
+pub fn perplexity_ratio_interval(
+    a: &[(f64, usize)],
+    b: &[(f64, usize)],
+    resamples: usize,
+    seed: u64,
+) -> (f64, f64) {
+    assert_eq!(a.len(), b.len(), "paired records");
+    let differences: Vec<(f64, usize)> = a
+        .iter()
+        .zip(b)
+        .map(|(&(nll_a, count), &(nll_b, _))| (nll_a - nll_b, count))
+        .collect();
+    let (low, high) = bootstrap_mean_interval(&differences, resamples, seed);
+    (low.exp(), high.exp())
+}
+
 /// A 95% percentile-bootstrap interval for `sum of values / sum of counts` over records given
 /// as (value, count), resampling records with a fixed seed.
 pub fn bootstrap_mean_interval(
@@ -466,5 +486,35 @@ mod tests {
         let more: Vec<(f64, usize)> = records.iter().cycle().take(400).copied().collect();
         let (low2, high2) = perplexity_interval(&more, 1000, 0);
         assert!(high2 - low2 < (high - low) / 2.0);
+    }
+
+    /// Model b is model a plus a small, steady loss on every record, while the records
+    /// themselves differ a lot: the paired interval of the ratio holds the true ratio and is
+    /// tight, where the two models' own intervals overlap.
+    #[test]
+    fn paired_ratio_interval_sees_a_steady_difference_the_separate_intervals_miss() {
+        let a: Vec<(f64, usize)> = (0..50).map(|i| (10.0 + (i % 7) as f64 * 8.0, 10)).collect();
+        let b: Vec<(f64, usize)> = a.iter().map(|&(nll, n)| (nll + 0.5, n)).collect();
+        let ratio = (0.5f64 / 10.0).exp();
+        let (low, high) = perplexity_ratio_interval(&b, &a, 1000, 0);
+        assert!(low <= ratio && ratio <= high, "{low} {ratio} {high}");
+        assert!(
+            high - low < 1e-9,
+            "a constant difference leaves no spread: {low} {high}"
+        );
+        let (a_low, a_high) = perplexity_interval(&a, 1000, 0);
+        let (b_low, _) = perplexity_interval(&b, 1000, 0);
+        assert!(
+            b_low < a_high && a_low < b_low,
+            "the separate intervals overlap"
+        );
+        // Differences that vary: a real interval around the ratio, above 1.
+        let c: Vec<(f64, usize)> = a
+            .iter()
+            .enumerate()
+            .map(|(i, &(nll, n))| (nll + 0.2 + (i % 3) as f64 * 0.3, n))
+            .collect();
+        let (low, high) = perplexity_ratio_interval(&c, &a, 1000, 0);
+        assert!(1.0 < low && low < high, "{low} {high}");
     }
 }

@@ -25,7 +25,7 @@
 //! official code's noisy evaluation to the table.
 
 use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
-use crate::evaluate::perplexity_interval;
+use crate::evaluate::{perplexity_interval, perplexity_ratio_interval};
 use crate::stages::{finished_stage, train_stage, SftStage, StageContext};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
@@ -457,6 +457,9 @@ pub struct RoutedEval {
     /// 95% bootstrap interval over the held-out windows.
     #[serde(default)]
     pub perplexity_95: (f64, f64),
+    /// Each held-out row's (summed NLL, target count), for paired comparisons.
+    #[serde(skip)]
+    pub row_nll: Vec<(f64, usize)>,
     /// Share of real tokens that execute each layer's (attention, MLP).
     pub keep: Vec<[f64; 2]>,
     /// Over all layers and both kinds: the keep ratio in modules.
@@ -589,6 +592,7 @@ pub fn evaluate_deciding<B: Backend>(
     RoutedEval {
         perplexity: (nll / targets.max(1) as f64).exp(),
         perplexity_95: perplexity_interval(&row_nll, 1000, 0),
+        row_nll,
         flops_keep: flops_kept(&model.config, &keep, mean_context),
         keep,
         overall_keep,
@@ -988,14 +992,27 @@ fn report<B: AutodiffBackend>(
             json!(modules).as_str().unwrap_or("?")
         ),
     };
+    // Ratios are given against the first routed model (what the controls are matched to).
+    let reference = trained.first().map_or("dense", |(name, _)| *name);
     let mut table = format!(
-        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity (95% CI) | keep ratio, modules | keep ratio, FLOPs |\n| --- | --- | --- | --- |\n",
+        "# SkipGPT, target sparsity {:.0}%{routed}\n\n| model | held-out perplexity (95% CI) | against {reference} (paired 95% CI) | keep ratio, modules | keep ratio, FLOPs |\n| --- | --- | --- | --- | --- |\n",
         100.0 * config.router.sparsity
     );
+    let mut summary_ratios = serde_json::Map::new();
     for (name, eval) in &rows {
         let (low, high) = eval.perplexity_95;
+        let against = match rows.iter().find(|(n, _)| n == reference) {
+            Some((_, base)) if name != reference => {
+                let ratio = eval.perplexity / base.perplexity;
+                let (r_low, r_high) =
+                    perplexity_ratio_interval(&eval.row_nll, &base.row_nll, 1000, 0);
+                summary_ratios.insert(name.clone(), json!([ratio, r_low, r_high]));
+                format!("{ratio:.3}x [{r_low:.3}, {r_high:.3}]")
+            }
+            _ => String::new(),
+        };
         table += &format!(
-            "| {name} | {:.3} [{low:.2}, {high:.2}] | {:.1}% | {:.1}% |\n",
+            "| {name} | {:.3} [{low:.2}, {high:.2}] | {against} | {:.1}% | {:.1}% |\n",
             eval.perplexity,
             100.0 * eval.overall_keep,
             100.0 * eval.flops_keep
@@ -1048,6 +1065,10 @@ fn report<B: AutodiffBackend>(
         .map(|(name, eval)| (name.clone(), json!(eval)))
         .collect();
     summary.insert("speed".into(), speeds.into());
+    summary.insert(
+        format!("perplexity ratio against {reference} (paired 95% CI)"),
+        summary_ratios.into(),
+    );
     crate::common::write_summary(&config.run.dir, &table, &summary.into())
 }
 
