@@ -2,10 +2,12 @@
 """PyTorch reference for the generation half of `cargo bench -p trainer --bench
 model_throughput`: the same config (vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads,
 MLP 1024), 4 prompts of 128 tokens, 64 new tokens each, sampling at temperature 1 with the KV
-cache (`transformers.generate`).
+cache (`transformers.generate`). `--model DIR` loads a Hugging Face folder instead (as the bench's
+`--model`), `--batch N` sets the number of prompts.
 
     python3 scripts/bench_torch_generate.py cpu
     python3 scripts/bench_torch_generate.py cuda --dtype bf16
+    python3 scripts/bench_torch_generate.py cpu --model models/smollm2-135m-instruct --batch 16
 """
 import argparse
 import time
@@ -13,14 +15,17 @@ import time
 import torch
 import transformers
 
-BATCH, PROMPT, NEW_TOKENS = 4, 128, 64
+PROMPT, NEW_TOKENS = 128, 64
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("device")
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    parser.add_argument("--model", help="a Hugging Face model folder instead of the fixed config")
+    parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
+    batch = args.batch
     device = torch.device(args.device)
     config = transformers.LlamaConfig(
         vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
@@ -28,8 +33,13 @@ def main():
         max_position_embeddings=2048, attn_implementation="sdpa")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
-    prompts = torch.tensor([[(i * 31 + b * 7) % 8192 for i in range(PROMPT)] for b in range(BATCH)],
+    if args.model:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
+        model = model.to(device).eval()
+    else:
+        model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
+    vocab = model.config.vocab_size
+    prompts = torch.tensor([[(i * 31 + b * 7) % vocab for i in range(PROMPT)] for b in range(batch)],
                            device=device)
 
     def run():
@@ -43,8 +53,8 @@ def main():
     start = time.perf_counter()
     new = run()
     seconds = time.perf_counter() - start
-    print(f"impl=torch-generate-{args.dtype} device={args.device} batch={BATCH} prompt={PROMPT} "
-          f"new_tokens={new} tokens_per_s={BATCH * new / seconds:.1f}", flush=True)
+    print(f"impl=torch-generate-{args.dtype} device={args.device} batch={batch} prompt={PROMPT} "
+          f"new_tokens={new} tokens_per_s={batch * new / seconds:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,43 @@ fn two_peers_match_one_peer_with_the_doubled_batch() {
     assert!(two.join("final/model.safetensors").exists());
 }
 
+/// `run.device = "cpu,cpu"` in the config runs two peers as `--devices cpu,cpu` does, and
+/// `--devices` overrides it.
+#[test]
+fn a_config_that_names_two_devices_runs_two_peers() {
+    let two = scratch_dir("dp-config-devices");
+    let output = run_to_end(sft_command(
+        &test_config(),
+        &two,
+        &[
+            "--set",
+            STEPS,
+            "--set",
+            "train.batch_size=2",
+            "--set",
+            "run.device=cpu,cpu",
+        ],
+    ));
+    assert_two_peers_agree(&output, 1);
+    assert_matches_one_peer_with_the_doubled_batch(&two, "dp-config-one-peer");
+
+    let one = scratch_dir("dp-config-overridden");
+    let output = run_to_end(sft_command(
+        &test_config(),
+        &one,
+        &[
+            "--set",
+            "train.steps=2",
+            "--set",
+            "run.device=cpu,cpu",
+            "--devices",
+            "cpu",
+        ],
+    ));
+    assert!(peer_fingerprints(&String::from_utf8_lossy(&output.stdout)).is_empty());
+    assert!(!one.join("peers").exists());
+}
+
 #[test]
 fn killed_two_peer_run_resumes_to_the_same_end() {
     let args = TWO_PEERS;

@@ -24,7 +24,8 @@ pub struct RunSection {
     pub dir: PathBuf,
     #[serde(default)]
     pub seed: u64,
-    /// cpu, cuda or cuda:N
+    /// cpu, cuda or cuda:N; several separated by commas (`cpu,cpu`) run data-parallel, one
+    /// peer each, as `--devices` does (which overrides this).
     #[serde(default = "default_device")]
     pub device: String,
     /// `f32` or `bf16`: what the linear layers multiply in (weights, optimizer state and

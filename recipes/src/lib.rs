@@ -188,8 +188,14 @@ fn launch<C: RecipeConfig>(args: &RecipeArgs) -> Result<()> {
         config.select_stage(stage)?;
     }
     let run = config.run_section().clone();
+    // `--devices` wins over the config's `run.device`, which may name several peers too.
+    let config_devices = trainer::distributed::parse_devices(&run.device);
     let launch = Launch {
-        devices: &args.devices,
+        devices: if args.devices.is_empty() {
+            &config_devices
+        } else {
+            &args.devices
+        },
         config_device: &run.device,
         cluster: args.cluster.as_ref(),
         run_dir: &run.dir,

@@ -1,11 +1,14 @@
-//! Forward and generation throughput of a fixed small Llama config.
+//! Forward and generation throughput of a fixed small Llama config, or of a Hugging Face
+//! model folder (`--model DIR`), at batch 4 or `--batch N`.
 //!
 //!     cargo bench -p trainer --bench model_throughput             # CPU
 //!     cargo bench -p trainer --features cuda --bench model_throughput -- cuda
+//!     cargo bench -p trainer --bench model_throughput -- cpu --model models/smollm2-135m-instruct --batch 16
 //!
 //! Prints tokens/s; results go in BENCHMARKS.md with the machine and date.
 
 use burn::prelude::*;
+use std::path::PathBuf;
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::generate::{generate, GenerationConfig};
@@ -14,7 +17,6 @@ use trainer::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
 use trainer::sampling::SamplingParams;
 use trainer::{with_backend, CausalLm, LlamaConfig};
 
-const BATCH: usize = 4;
 const PROMPT: usize = 128;
 const NEW_TOKENS: usize = 64;
 
@@ -25,10 +27,34 @@ fn bench_config() -> LlamaConfig {
     config
 }
 
-fn run<B: Backend>(device: B::Device, label: &str) {
-    let config = bench_config();
-    let model = CausalLm::<B>::new(&config, &mut ParamInit::normal(0, 0.02), &device);
-    let prompts: Vec<Vec<u32>> = (0..BATCH)
+/// `--model DIR` and `--batch N` from the command line (after the device).
+struct Options {
+    model: Option<PathBuf>,
+    batch: usize,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter().position(|a| a == flag).map(|i| {
+            args.get(i + 1)
+                .unwrap_or_else(|| panic!("{flag} needs a value"))
+        })
+    };
+    Options {
+        model: value("--model").map(PathBuf::from),
+        batch: value("--batch").map_or(4, |n| n.parse().expect("--batch: a number")),
+    }
+}
+
+fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
+    let model = match &options.model {
+        Some(dir) => CausalLm::<B>::load(dir, &device).expect("a Hugging Face model folder"),
+        None => CausalLm::<B>::new(&bench_config(), &mut ParamInit::normal(0, 0.02), &device),
+    };
+    let config = model.config.clone();
+    let batch_size = options.batch;
+    let prompts: Vec<Vec<u32>> = (0..batch_size)
         .map(|b| {
             (0..PROMPT)
                 .map(|i| ((i * 31 + b * 7) % config.vocab_size) as u32)
@@ -52,7 +78,7 @@ fn run<B: Backend>(device: B::Device, label: &str) {
         forward();
     }
     let seconds = start.elapsed().as_secs_f64();
-    let forward_tps = (repeats * BATCH * PROMPT) as f64 / seconds;
+    let forward_tps = (repeats * batch_size * PROMPT) as f64 / seconds;
 
     let gen_config = GenerationConfig {
         max_new_tokens: NEW_TOKENS,
@@ -71,7 +97,7 @@ fn run<B: Backend>(device: B::Device, label: &str) {
     let gen_tps = generated.num_tokens() as f64 / gen_seconds;
 
     println!(
-        "{label}: {:.1}M params, batch {BATCH} x {PROMPT} tokens | forward {forward_tps:.0} tokens/s | \
+        "{label}: {:.1}M params, batch {batch_size} x {PROMPT} tokens | forward {forward_tps:.0} tokens/s | \
          generation ({NEW_TOKENS} new tokens per sequence, KV cache) {gen_tps:.1} tokens/s",
         config.num_parameters() as f64 / 1e6
     );
@@ -79,6 +105,11 @@ fn run<B: Backend>(device: B::Device, label: &str) {
 
 fn main() -> anyhow::Result<()> {
     let device = DeviceSpec::from_bench_args();
-    with_backend!(device, |B, dev| run::<B>(dev, &format!("{device:?}")));
+    let options = options();
+    with_backend!(device, |B, dev| run::<B>(
+        dev,
+        &format!("{device:?}"),
+        &options
+    ));
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// Where a run goes: its devices, its node among several, and its run folder.
 pub struct Launch<'a> {
-    /// `--devices` (empty: the config's one device, `config_device`).
+    /// `--devices`, or the config's list (empty: the config's one device, `config_device`).
     pub devices: &'a [String],
     pub config_device: &'a str,
     pub cluster: Option<&'a Cluster>,
