@@ -1,5 +1,7 @@
 //! Forward and generation throughput of a fixed small Llama config, or of a Hugging Face
-//! model folder (`--model DIR`), at batch 4 or `--batch N`.
+//! model folder (`--model DIR`), at batch 4 or `--batch N`. Generation is also measured with
+//! the batch split over two threads, as two data-parallel peers of `onpolicy-sft` sample
+//! (on CPU one thread of a small model keeps about one core busy).
 //!
 //!     cargo bench -p trainer --bench model_throughput             # CPU
 //!     cargo bench -p trainer --features cuda --bench model_throughput -- cuda
@@ -96,9 +98,25 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
     let gen_seconds = start.elapsed().as_secs_f64();
     let gen_tps = generated.num_tokens() as f64 / gen_seconds;
 
+    // Two threads, each generating for its half of the prompts (the weights are shared).
+    let halves: Vec<&[Vec<u32>]> = prompts.chunks(batch_size.div_ceil(2)).collect();
+    let start = Instant::now();
+    let split_tokens: usize = std::thread::scope(|scope| {
+        let peers: Vec<_> = halves
+            .iter()
+            .map(|half| {
+                let (model, gen_config) = (model.clone(), &gen_config);
+                scope.spawn(move || generate(&model, half, gen_config).unwrap().num_tokens())
+            })
+            .collect();
+        peers.into_iter().map(|peer| peer.join().unwrap()).sum()
+    });
+    let split_tps = split_tokens as f64 / start.elapsed().as_secs_f64();
+
     println!(
         "{label}: {:.1}M params, batch {batch_size} x {PROMPT} tokens | forward {forward_tps:.0} tokens/s | \
-         generation ({NEW_TOKENS} new tokens per sequence, KV cache) {gen_tps:.1} tokens/s",
+         generation ({NEW_TOKENS} new tokens per sequence, KV cache) {gen_tps:.1} tokens/s, \
+         split over two threads {split_tps:.1} tokens/s",
         config.num_parameters() as f64 / 1e6
     );
 }

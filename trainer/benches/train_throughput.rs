@@ -5,14 +5,17 @@
 //!     cargo bench -p trainer --features cuda --bench train_throughput -- cuda 125m
 //!
 //! Arguments: device (cpu, cuda, cuda:N), size (10m, 125m, 350m), and optionally `--batch B`
-//! (default 8), `--seq S` (1024), `--steps N` (10, after 2 warm-up steps) and
-//! `--peak-tflops T` (the device's peak, for model FLOPs utilisation). Prints one line of
+//! (default 8), `--seq S` (1024), `--steps N` (10, after 2 warm-up steps),
+//! `--peak-tflops T` (the device's peak, for model FLOPs utilisation) and `--peers P` (the
+//! same step on P data-parallel peers of B/P rows each, as `--devices cpu,cpu` runs it:
+//! on CPU one process of a small model keeps about one core busy). Prints one line of
 //! `key=value` pairs; `scripts/bench-train` runs it next to PyTorch.
 
 use burn::tensor::backend::AutodiffBackend;
 use datasets::{TokenBatch, TokenRow};
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
+use trainer::distributed::{self, Peer};
 use trainer::model::init::ParamInit;
 use trainer::model::layers::Precision;
 use trainer::train::{Resume, TrainConfig, Trainer};
@@ -39,6 +42,7 @@ struct Options {
     batch: usize,
     seq: usize,
     steps: usize,
+    peers: usize,
     peak_tflops: Option<f64>,
     precision: Precision,
 }
@@ -66,6 +70,7 @@ fn options() -> Options {
         batch: value("--batch").map_or(8, |v| v.parse().expect("--batch")),
         seq: value("--seq").map_or(1024, |v| v.parse().expect("--seq")),
         steps: value("--steps").map_or(10, |v| v.parse().expect("--steps")),
+        peers: value("--peers").map_or(1, |v| v.parse().expect("--peers")),
         peak_tflops: value("--peak-tflops").map(|v| v.parse().expect("--peak-tflops")),
         precision: match value("--precision").as_deref() {
             None | Some("f32") => Precision::F32,
@@ -88,20 +93,48 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// The benchmark on one device, or on `--peers` threads that are peers of one data-parallel
+/// run (peer 0 prints).
 fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
+    assert!(
+        options.batch.is_multiple_of(options.peers),
+        "--batch must be a multiple of --peers"
+    );
+    if options.peers == 1 {
+        return run_peer::<B>(device, options);
+    }
+    std::thread::scope(|scope| {
+        for rank in 0..options.peers {
+            let device = device.clone();
+            std::thread::Builder::new()
+                .stack_size(64 << 20)
+                .spawn_scoped(scope, move || {
+                    distributed::run_as(Peer::new(rank, options.peers, None), || {
+                        run_peer::<B>(device, options);
+                        distributed::leave();
+                    })
+                })
+                .expect("a peer thread");
+        }
+    });
+}
+
+fn run_peer<B: AutodiffBackend>(device: B::Device, options: &Options) {
     let config = bench_config(&options.size);
+    let rank = distributed::current_peer().rank();
+    let rows_per_peer = options.batch / options.peers;
     let model = CausalLm::<B>::new(&config, &mut ParamInit::normal(0, 0.02), &device)
         .with_precision(options.precision);
     let train: TrainConfig = toml::from_str(&format!(
         "steps = {}\nbatch_size = {}\nlr = 3e-4\nweight_decay = 0.1\nmax_grad_norm = 1.0\nlog_every = 0",
         options.steps + 2,
-        options.batch
+        rows_per_peer
     ))
     .expect("train config");
     let run_dir = std::env::temp_dir().join(format!("train-bench-{}", std::process::id()));
     let (mut trainer, _) =
         Trainer::start(model, train, None, 0, &run_dir, &Resume::No).expect("trainer");
-    let rows: Vec<TokenRow> = (0..options.batch)
+    let rows: Vec<TokenRow> = (rank * rows_per_peer..(rank + 1) * rows_per_peer)
         .map(|b| {
             let tokens: Vec<u32> = (0..=options.seq)
                 .map(|i| ((i * 7919 + b * 104_729) % config.vocab_size) as u32)
@@ -125,6 +158,9 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
     }
     let seconds = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&run_dir);
+    if rank > 0 {
+        return;
+    }
 
     let tokens_per_s = (options.steps * options.batch * options.seq) as f64 / seconds;
     // Model FLOPs per token (PaLM's appendix B): 6 N for the weights + 12 L s d for attention
@@ -140,13 +176,14 @@ fn run<B: AutodiffBackend>(device: B::Device, options: &Options) {
         format!("{:.1}%", 100.0 * achieved_tflops / peak)
     });
     println!(
-        "impl=burn precision={:?} device={:?} size={} params={:.1}M batch={} seq={} steps={} tokens_per_s={:.0} \
+        "impl=burn precision={:?} device={:?} size={} params={:.1}M batch={} peers={} seq={} steps={} tokens_per_s={:.0} \
          step_ms={:.1} model_tflops={:.2} mfu={} peak_host_rss_mib={:.0}",
         options.precision,
         options.device,
         options.size,
         config.num_parameters() as f64 / 1e6,
         options.batch,
+        options.peers,
         options.seq,
         options.steps,
         tokens_per_s,
