@@ -34,7 +34,7 @@ def main():
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.model:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         model = model.to(device).eval()
     else:
         model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()

@@ -135,7 +135,7 @@ pub fn generate_streaming<B: Backend>(
     }
 
     let mut cache = KvCache::new(model.num_layers());
-    let mut logits = model.forward_cached(
+    let mut logits = model.forward_cached_last(
         token_tensor(&batch.tokens, &device),
         int_tensor(&positions, &device),
         causal_mask(&valid, batch.width(), &device),
@@ -171,7 +171,7 @@ pub fn generate_streaming<B: Backend>(
         }
         let step_positions: Vec<Vec<i64>> = next_position.iter().map(|&p| vec![p]).collect();
         next_position.iter_mut().for_each(|p| *p += 1);
-        logits = model.forward_cached(
+        logits = model.forward_cached_last(
             token_tensor(&step_tokens, &device),
             int_tensor(&step_positions, &device),
             causal_mask(&valid, 1, &device),
