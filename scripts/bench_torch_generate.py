@@ -49,12 +49,24 @@ def main():
                                  min_new_tokens=NEW_TOKENS, pad_token_id=0)
         return out.shape[1] - PROMPT
 
+    def forward():
+        with torch.no_grad():
+            model(prompts, attention_mask=torch.ones_like(prompts)).logits[0, 0, 0].item()
+
+    # The forward pass over the prompts alone (the prefill inside generation), as the Rust
+    # bench prints it: a warm-up, then 5 passes.
+    forward()
+    start = time.perf_counter()
+    for _ in range(5):
+        forward()
+    forward_tps = 5 * batch * PROMPT / (time.perf_counter() - start)
     run()  # warm-up
     start = time.perf_counter()
     new = run()
     seconds = time.perf_counter() - start
     print(f"impl=torch-generate-{args.dtype} device={args.device} batch={batch} prompt={PROMPT} "
-          f"new_tokens={new} tokens_per_s={batch * new / seconds:.1f}", flush=True)
+          f"new_tokens={new} tokens_per_s={batch * new / seconds:.1f} "
+          f"forward_tokens_per_s={forward_tps:.0f}", flush=True)
 
 
 if __name__ == "__main__":

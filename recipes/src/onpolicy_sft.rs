@@ -347,6 +347,55 @@ fn load_task(task: &TaskSection, tokenizer: &TextTokenizer) -> Result<TaskSplits
     })
 }
 
+/// The base model's evaluation (test, and dev scalars), kept beside the warm-up's export:
+/// runs that share a warm-up (a cap sweep copies it) and evaluate it with the same settings
+/// skip the minutes it takes. Anything that changes the evaluation changes the key.
+struct BaseEvalCache {
+    path: PathBuf,
+    key: Value,
+}
+
+impl BaseEvalCache {
+    /// The file lives in the warm-up's stage folder, so it goes wherever that folder is copied.
+    fn beside_warmup(export: &Path, config: &OnPolicyConfig) -> Self {
+        let stage_dir = export.parent().unwrap_or(export);
+        Self {
+            path: stage_dir.join("base_eval.json"),
+            key: json!({
+                "seed": config.run.seed,
+                "precision": config.run.precision,
+                "task": config.task,
+                "verifier": config.verifier,
+                "eval": config.eval,
+            }),
+        }
+    }
+
+    /// The cached result when the file is there and its key matches; a missing, unreadable or
+    /// stale file means evaluating again.
+    fn read(&self) -> Option<(EvalResult, Vec<(String, f64)>)> {
+        let saved: Value = serde_json::from_str(&std::fs::read_to_string(&self.path).ok()?).ok()?;
+        if saved["key"] != self.key {
+            return None;
+        }
+        Some((
+            serde_json::from_value(saved["test"].clone()).ok()?,
+            serde_json::from_value(saved["scalars"].clone()).ok()?,
+        ))
+    }
+
+    fn write(&self, base: &EvalResult, scalars: &[(String, f64)]) -> Result<()> {
+        let text = serde_json::to_string_pretty(
+            &json!({ "key": self.key, "test": base, "scalars": scalars }),
+        )?;
+        // Written whole, then renamed: a killed run never leaves half a file.
+        let partial = self.path.with_extension("json.partial");
+        std::fs::write(&partial, text)
+            .and_then(|()| std::fs::rename(&partial, &self.path))
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
 /// Indices of the samples to train on, given `samples_per_prompt` consecutive samples per
 /// prompt: the correct ones (score above 0.5), at most `keep_shortest` per prompt when it
 /// is not 0. A prompt with no correct sample contributes nothing.
@@ -605,7 +654,7 @@ pub fn run<B: AutodiffBackend>(
         &config.run.dir,
         resume,
     )?;
-    trainer.base_model = base_folder;
+    trainer.base_model = base_folder.clone();
     // Mini-batches of the last rollout not trained on yet: (prompt, response) token pairs.
     let mut pending: VecDeque<Vec<Response>> = match &saved {
         Some(state) if state.get("pending").is_some() => {
@@ -629,16 +678,37 @@ pub fn run<B: AutodiffBackend>(
             EvalResult::default(),
         ),
         None => {
-            println!(
-                "evaluating the base model on {} held-out prompts",
-                eval_items.len()
-            );
-            let base = evaluate_now(&trainer)?;
-            let mut scalars = eval_scalars("eval_", &base);
-            // The base on dev too, so that settings are compared with it there.
-            if !dev_items.is_empty() {
-                scalars.extend(eval_scalars("dev_", &evaluate_on(&trainer, &dev_items)?));
-            }
+            let cache = base_folder
+                .as_deref()
+                .filter(|_| config.warmup.is_some())
+                .map(|export| BaseEvalCache::beside_warmup(export, &config));
+            let (base, scalars) = match cache.as_ref().and_then(BaseEvalCache::read) {
+                Some(cached) => {
+                    println!(
+                        "the base model's evaluation: from {} (same warm-up, same settings)",
+                        cache
+                            .as_ref()
+                            .map_or(String::new(), |c| c.path.display().to_string())
+                    );
+                    cached
+                }
+                None => {
+                    println!(
+                        "evaluating the base model on {} held-out prompts",
+                        eval_items.len()
+                    );
+                    let base = evaluate_now(&trainer)?;
+                    let mut scalars = eval_scalars("eval_", &base);
+                    // The base on dev too, so that settings are compared with it there.
+                    if !dev_items.is_empty() {
+                        scalars.extend(eval_scalars("dev_", &evaluate_on(&trainer, &dev_items)?));
+                    }
+                    if let Some(cache) = &cache {
+                        cache.write(&base, &scalars)?;
+                    }
+                    (base, scalars)
+                }
+            };
             let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             trainer.metrics.log(0, &refs)?;
             println!("base: {base:?}");
@@ -927,6 +997,41 @@ pub fn summary_table(
 mod tests {
     use super::*;
     use crate::evaluate::final_score;
+
+    #[test]
+    fn the_base_evaluation_is_reused_only_with_the_same_settings() {
+        let text = crate::builtin::config_text("onpolicy-sft/tiny").unwrap();
+        let mut config: OnPolicyConfig = toml::from_str(text).unwrap();
+        let dir = std::env::temp_dir().join(format!("base-eval-cache-{}", std::process::id()));
+        let export = dir.join("warmup/final");
+        std::fs::create_dir_all(&export).unwrap();
+        let cache = BaseEvalCache::beside_warmup(&export, &config);
+        assert_eq!(cache.path, dir.join("warmup/base_eval.json"));
+        assert!(cache.read().is_none(), "nothing written yet");
+
+        let base = EvalResult {
+            greedy_accuracy: 0.25,
+            mean_length: 40.5,
+            ..EvalResult::default()
+        };
+        let scalars = vec![("dev_greedy_accuracy".to_string(), 0.5)];
+        cache.write(&base, &scalars).unwrap();
+        assert_eq!(cache.read(), Some((base, scalars)));
+        // Another evaluation budget, another seed: evaluated again.
+        config.eval.max_new_tokens += 1;
+        assert!(BaseEvalCache::beside_warmup(&export, &config)
+            .read()
+            .is_none());
+        config.eval.max_new_tokens -= 1;
+        config.run.seed += 1;
+        assert!(BaseEvalCache::beside_warmup(&export, &config)
+            .read()
+            .is_none());
+        // A corrupt file is not an error: evaluated again.
+        std::fs::write(&cache.path, "{ not json").unwrap();
+        assert!(cache.read().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn truncated_responses_score_zero_even_when_the_verifier_likes_them() {

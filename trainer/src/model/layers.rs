@@ -22,7 +22,9 @@ impl Precision {
     /// `x[rows, in] @ w[out, in]^T` in this precision; the result is f32.
     pub fn matmul_transposed<B: Backend>(self, x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
-            Self::F32 => x.matmul(w.transpose()),
+            // Decoding's few rows on the CPU: a product that does not re-pack the weights.
+            Self::F32 => super::skinny_matmul::matmul_transposed(&x, &w)
+                .unwrap_or_else(|| x.matmul(w.transpose())),
             Self::Bf16 => x
                 .cast(FloatDType::BF16)
                 .matmul(w.cast(FloatDType::BF16).transpose())

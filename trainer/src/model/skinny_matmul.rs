@@ -1,0 +1,272 @@
+//! `x · wᵀ` for few rows of `x` on the CPU backend, as decoding runs every linear layer (one
+//! row per sequence) against weights stored as Hugging Face's `[out, in]`.
+//!
+//! Our own kernel because burn-flex's matrix product (the `gemm` crate) re-packs the whole
+//! weight matrix on every call: with a handful of rows that copy costs more than the product
+//! (SmolLM2-135M's output head at 16 rows ran at 20 GFLOP/s; BENCHMARKS.md). Here each weight
+//! row is read once, in place, and multiplied by every row of `x` while it is in cache: a dot
+//! product per output, eight AVX2 lanes wide, with the weight rows split over the thread pool
+//! (CPUs without AVX2 and FMA keep the backend's product).
+//! Each output is summed in one fixed order whatever the thread split, so results repeat
+//! bit for bit on one machine. Other backends, autodiff (training) and more rows keep the
+//! backend's own product.
+
+use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+use std::any::Any;
+
+/// Up to this many rows of `x` the kernel beats `gemm` (BENCHMARKS.md: `matmul_shapes`).
+pub const MAX_ROWS: usize = 32;
+/// Eight f32 lanes: one AVX2 register.
+const LANES: usize = 8;
+/// Weight rows a task of the thread pool covers: at most this many (a few hundred KiB of
+/// weights), and small enough that every thread gets about four tasks.
+const MAX_BLOCK: usize = 256;
+/// Below this many multiply-adds one thread does the product (the pool's wake-up costs more).
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// `x[rows, in] · w[out, in]ᵀ` through the kernel when both are f32 tensors of the CPU
+/// backend (not under autodiff) and `x` has at most [`MAX_ROWS`] rows; `None` otherwise.
+pub fn matmul_transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let [rows, k] = x.dims();
+    let [n, k_w] = w.dims();
+    if rows > MAX_ROWS || k != k_w {
+        return None;
+    }
+    let (x_primitive, w_primitive) = (float_primitive(x)?, float_primitive(w)?);
+    let x_flex = (&x_primitive as &dyn Any).downcast_ref::<FlexTensor>()?;
+    let w_flex = (&w_primitive as &dyn Any).downcast_ref::<FlexTensor>()?;
+    let x_values = x_flex.as_slice::<f32>()?;
+    let w_values = w_flex.as_slice::<f32>()?;
+    let y = skinny_product(x_values, w_values, rows, n, k)?;
+    let y = FlexTensor::from_data(TensorData::new(y, [rows, n]));
+    let y: Box<dyn Any> = Box::new(y);
+    let y = *y.downcast::<B::FloatTensorPrimitive>().ok()?;
+    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+fn float_primitive<B: Backend>(tensor: &Tensor<B, 2>) -> Option<B::FloatTensorPrimitive> {
+    match tensor.clone().into_primitive() {
+        TensorPrimitive::Float(primitive) => Some(primitive),
+        TensorPrimitive::QFloat(_) => None,
+    }
+}
+
+/// `y[i, j] = Σ_k x[i, k] · w[j, k]` for row-major `x` (`rows × k`), `w` (`n × k`), `y`
+/// (`rows × n`); `None` where this CPU lacks AVX2 and FMA (the caller then uses the backend's).
+pub fn skinny_product(x: &[f32], w: &[f32], rows: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+    assert_eq!(x.len(), rows * k, "x: {rows} x {k}");
+    assert_eq!(w.len(), n * k, "w: {n} x {k}");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let mut y = vec![0.0f32; rows * n];
+        let out = OutPtr(y.as_mut_ptr());
+        let threads = rayon::current_num_threads();
+        let rows_per_block = n
+            .div_ceil(4 * threads)
+            .next_multiple_of(4)
+            .clamp(4, MAX_BLOCK);
+        let block = |b: usize| {
+            let columns = b * rows_per_block..((b + 1) * rows_per_block).min(n);
+            // Safety: AVX2 and FMA are there (checked above); each block writes the outputs of
+            // its own weight rows only (disjoint columns of `y`), and `y` outlives the loop.
+            unsafe { avx2::product_block(x, w, rows, n, k, columns, out.get()) }
+        };
+        let blocks = n.div_ceil(rows_per_block);
+        if rows * n * k >= PARALLEL_FROM {
+            (0..blocks).into_par_iter().for_each(block);
+        } else {
+            (0..blocks).for_each(block);
+        }
+        return Some(y);
+    }
+    None
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// Safety: blocks write disjoint elements (see `skinny_product`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method, so that closures capture the whole (Send) wrapper, not its raw pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// The outputs of weight rows `columns`, in tiles of up to 4 weight rows by 3 rows of `x`:
+    /// 12 eight-lane accumulators, which with the loaded lanes fit AVX2's 16 registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn product_block(
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        n: usize,
+        k: usize,
+        columns: Range<usize>,
+        out: *mut f32,
+    ) {
+        let (x, w) = (x.as_ptr(), w.as_ptr());
+        let mut j = columns.start;
+        while j < columns.end {
+            let width = (columns.end - j).min(4);
+            let mut i = 0;
+            while i < rows {
+                let height = (rows - i).min(3);
+                // Safety: the tiles stay inside x, w and y (the caller's shapes).
+                unsafe {
+                    match (height, width) {
+                        (3, 4) => tile::<3, 4>(x, w, n, k, i, j, out),
+                        (2, 4) => tile::<2, 4>(x, w, n, k, i, j, out),
+                        (1, 4) => tile::<1, 4>(x, w, n, k, i, j, out),
+                        (3, _) => (0..width).for_each(|c| tile::<3, 1>(x, w, n, k, i, j + c, out)),
+                        (2, _) => (0..width).for_each(|c| tile::<2, 1>(x, w, n, k, i, j + c, out)),
+                        _ => (0..width).for_each(|c| tile::<1, 1>(x, w, n, k, i, j + c, out)),
+                    }
+                }
+                i += height;
+            }
+            j += width;
+        }
+    }
+
+    /// Outputs `y[i..i+XR, j..j+WR]`: eight lanes of k at a time, then the lanes summed in one
+    /// fixed order, then k's tail.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const XR: usize, const WR: usize>(
+        x: *const f32,
+        w: *const f32,
+        n: usize,
+        k: usize,
+        i: usize,
+        j: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); WR]; XR];
+        let mut t = 0;
+        // Safety (every pointer below): rows i..i+XR of x and j..j+WR of w hold k values each.
+        while t + LANES <= k {
+            let mut wv = [_mm256_setzero_ps(); WR];
+            for (c, lanes) in wv.iter_mut().enumerate() {
+                *lanes = unsafe { _mm256_loadu_ps(w.add((j + c) * k + t)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm256_loadu_ps(x.add((i + r) * k + t)) };
+                for (sum, lanes) in row.iter_mut().zip(&wv) {
+                    *sum = _mm256_fmadd_ps(xv, *lanes, *sum);
+                }
+            }
+            t += LANES;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, sum) in row.iter().enumerate() {
+                let mut lanes = [0.0f32; LANES];
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *sum) };
+                let mut total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+                for tail in t..k {
+                    let (a, b) =
+                        unsafe { (*x.add((i + r) * k + tail), *w.add((j + c) * k + tail)) };
+                    total = a.mul_add(b, total);
+                }
+                unsafe { *out.add((i + r) * n + j + c) = total };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Cpu, CpuAutodiff};
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0.0f64; rows * n];
+        for i in 0..rows {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn agrees_with_a_plain_product_on_every_tile_shape_and_tail() {
+        // Rows 1..=7 cover tiles of 3, 2 and 1 rows; n = 259 several blocks and a
+        // ragged last tile; k = 8·5 + 3 a tail after the eight-lane chunks; the large case
+        // runs on the thread pool.
+        for (rows, n, k) in [
+            (1, 5, 3),
+            (2, 9, 8),
+            (3, 4, 16),
+            (5, 259, 43),
+            (7, 130, 1029),
+        ] {
+            let (x, w) = (values(rows * k, 1), values(n * k, 2));
+            let Some(got) = skinny_product(&x, &w, rows, n, k) else {
+                return; // no AVX2 on this CPU: nothing to check
+            };
+            let want = reference(&x, &w, rows, n, k);
+            for (index, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{rows}x{k} · ({n}x{k})ᵀ, output {index}: {g} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_bits_on_one_thread_and_on_the_pool() {
+        let (rows, n, k) = (16, 1000, 300);
+        assert!(rows * n * k >= PARALLEL_FROM);
+        let (x, w) = (values(rows * k, 3), values(n * k, 4));
+        let Some(pooled) = skinny_product(&x, &w, rows, n, k) else {
+            return;
+        };
+        let single = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| skinny_product(&x, &w, rows, n, k));
+        assert_eq!(Some(pooled), single);
+    }
+
+    #[test]
+    fn used_for_few_rows_on_the_cpu_backend_only() {
+        let device = Default::default();
+        let x = Tensor::<Cpu, 2>::from_data(TensorData::new(values(4 * 20, 5), [4, 20]), &device);
+        let w = Tensor::<Cpu, 2>::from_data(TensorData::new(values(6 * 20, 6), [6, 20]), &device);
+        let Some(fast) = matmul_transposed(&x, &w) else {
+            return; // no AVX2 on this CPU
+        };
+        let plain = x.clone().matmul(w.clone().transpose());
+        fast.into_data()
+            .assert_approx_eq::<f32>(&plain.into_data(), burn::tensor::Tolerance::default());
+        // Too many rows, or under autodiff: the backend's own product.
+        let tall = Tensor::<Cpu, 2>::zeros([MAX_ROWS + 1, 20], &device);
+        assert!(matmul_transposed(&tall, &w).is_none());
+        let x = Tensor::<CpuAutodiff, 2>::zeros([4, 20], &device);
+        let w = Tensor::<CpuAutodiff, 2>::zeros([6, 20], &device);
+        assert!(matmul_transposed(&x, &w).is_none());
+    }
+}
