@@ -15,7 +15,7 @@ use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
-use std::any::Any;
+use std::any::{Any, TypeId};
 
 /// Up to this many rows of `x` the kernel beats `gemm` (BENCHMARKS.md: `matmul_shapes`).
 pub const MAX_ROWS: usize = 32;
@@ -32,7 +32,10 @@ const PARALLEL_FROM: usize = 1 << 20;
 pub fn matmul_transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let [rows, k] = x.dims();
     let [n, k_w] = w.dims();
-    if rows > MAX_ROWS || k != k_w {
+    // The backend is known from its type alone: other backends and autodiff leave here,
+    // before any tensor is touched.
+    let on_cpu_backend = TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<FlexTensor>();
+    if !on_cpu_backend || rows > MAX_ROWS || k != k_w {
         return None;
     }
     let (x_primitive, w_primitive) = (float_primitive(x)?, float_primitive(w)?);
