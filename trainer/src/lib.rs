@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod cpu_fused;
 pub mod distributed;
 pub mod export;
 pub mod generate;

@@ -10,6 +10,10 @@ pub fn token_nll_sum<B: Backend>(
     targets: Tensor<B, 2, Int>,
     selected: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
+    let logits = match crate::cpu_fused::token_nll_sum(logits, &targets, &selected) {
+        Ok(sum) => return sum,
+        Err(logits) => logits,
+    };
     let log_probs = log_softmax(logits, 2);
     let picked = log_probs
         .gather(2, targets.unsqueeze_dim::<3>(2))

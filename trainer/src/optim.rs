@@ -134,6 +134,57 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+/// The scalars of one AdamW update of one parameter (torch's rule).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// `1 - lr · weight_decay` for decayed parameters.
+    pub decay: Option<f64>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub bias_correction2_sqrt: f64,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f64,
+}
+
+impl AdamWStep {
+    pub fn new(config: &AdamWConfig, steps: u64, lr: f64, decays: bool) -> Self {
+        let t = steps as i32;
+        Self {
+            decay: (decays && config.weight_decay > 0.0).then(|| 1.0 - lr * config.weight_decay),
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            bias_correction2_sqrt: (1.0 - config.beta2.powi(t)).sqrt(),
+            step_size: lr / (1.0 - config.beta1.powi(t)),
+        }
+    }
+
+    /// The update with tensor ops: `(param, m, v)` after it. The CPU backend runs the same
+    /// arithmetic in one pass (`cpu_fused::adamw_update`).
+    pub fn apply<B: Backend>(
+        &self,
+        param: Tensor<B, 1>,
+        grad: Tensor<B, 1>,
+        m: Tensor<B, 1>,
+        v: Tensor<B, 1>,
+    ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+        let param = match self.decay {
+            Some(decay) => param.mul_scalar(decay),
+            None => param,
+        };
+        let m = m.mul_scalar(self.beta1) + grad.clone().mul_scalar(1.0 - self.beta1);
+        let v = v.mul_scalar(self.beta2) + grad.square().mul_scalar(1.0 - self.beta2);
+        let denom = v
+            .clone()
+            .sqrt()
+            .div_scalar(self.bias_correction2_sqrt)
+            .add_scalar(self.eps);
+        let param = param - m.clone().div(denom).mul_scalar(self.step_size);
+        (param, m, v)
+    }
+}
+
 /// AdamW with torch's update rule and named moment tensors.
 pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
@@ -207,32 +258,15 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         decays: bool,
     ) -> Tensor<B, 1> {
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.config;
-        let param = if decays && weight_decay > 0.0 {
-            param.mul_scalar(1.0 - lr * weight_decay)
-        } else {
-            param
-        };
+        let step = AdamWStep::new(&self.config, self.steps, lr, decays);
         let (m, v) = match self.moments.remove(name) {
             Some(state) => state,
             None => (grad.zeros_like(), grad.zeros_like()),
         };
-        let m = m.mul_scalar(beta1) + grad.clone().mul_scalar(1.0 - beta1);
-        let v = v.mul_scalar(beta2) + grad.square().mul_scalar(1.0 - beta2);
-        let t = self.steps as i32;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let denom = v
-            .clone()
-            .sqrt()
-            .div_scalar(bias_correction2_sqrt)
-            .add_scalar(eps);
-        let param = param - m.clone().div(denom).mul_scalar(lr / bias_correction1);
+        let (param, m, v) = match crate::cpu_fused::adamw_update(param, grad, m, v, &step) {
+            Ok(updated) => updated,
+            Err((param, grad, m, v)) => step.apply(param, grad, m, v),
+        };
         self.moments.insert(name.to_string(), (m, v));
         param
     }

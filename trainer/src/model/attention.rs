@@ -16,7 +16,6 @@ use super::config::LlamaConfig;
 use super::init::ParamInit;
 use super::layers::{Linear, Rope, RopeTables};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use burn::tensor::TensorData;
 use std::sync::{Arc, Mutex};
 
@@ -658,7 +657,7 @@ fn spread_grouped_attention<B: Backend>(
     }
     // f32::MIN rather than -inf: a fully masked row (a padding query) stays finite.
     let scores = scores.mask_fill(blocked, f32::MIN);
-    let probs = softmax(scores, 4);
+    let probs = crate::cpu_fused::softmax_last(scores);
     let returned = return_probs.then(|| probs.clone().reshape([batch, heads, queries, keys]));
     let out = probs
         .reshape([batch, kv_heads, groups * queries, keys])
@@ -692,7 +691,7 @@ mod tests {
             .matmul(repeat(k).swap_dims(2, 3))
             .mul_scalar((head_dim as f64).powf(-0.5))
             .mask_fill(blocked, f32::MIN);
-        softmax(scores, 3).matmul(repeat(v))
+        burn::tensor::activation::softmax(scores, 3).matmul(repeat(v))
     }
 
     #[test]

@@ -141,6 +141,10 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = match crate::cpu_fused::rms_norm(x, self.weight.val(), self.eps) {
+            Ok(normed) => return normed,
+            Err((x, _)) => x,
+        };
         let variance = x.clone().square().mean_dim(D - 1);
         let normed = x * variance.add_scalar(self.eps).sqrt().recip();
         normed * self.weight.val().unsqueeze()
@@ -177,7 +181,11 @@ impl<B: Backend> SwiGluMlp<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gated = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let gated = match crate::cpu_fused::silu_gate(gate, up) {
+            Ok(gated) => gated,
+            Err((gate, up)) => silu(gate) * up,
+        };
         self.down_proj.forward(gated)
     }
 }
@@ -280,6 +288,10 @@ impl<B: Backend> RopeTables<B> {
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         let tables = self.spread_over(h);
+        let x = match crate::cpu_fused::rope(x, &tables.cos, &tables.sin) {
+            Ok(rotated) => return rotated,
+            Err(x) => x,
+        };
         // rotate_half(x) = [-x2, x1] as one product with a signed permutation: exact (each
         // output is one input times ±1) and free of the strided copies of slicing and cat.
         let rotated = x

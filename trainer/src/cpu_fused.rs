@@ -1,0 +1,952 @@
+//! Fused operations for training on the CPU backend: the softmax over the last axis
+//! (attention), the next-token cross-entropy (the loss), the RMS norm, SwiGLU's
+//! `silu(gate) * up` and the rotary position embedding, each with its own backward pass, and the AdamW update in one pass over
+//! parameter, gradient and moments.
+//!
+//! Ours because Burn 0.21's autodiff builds both from a chain of element-wise ops (max,
+//! subtract, exp, sum, divide or log, gather; then as many backward steps), each a full pass
+//! over a large tensor on one thread (AdamW: twelve). Here each is one pass forward and one backward, over rows
+//! split across the thread pool; rows are independent, so results repeat bit for bit whatever
+//! the split. Used only for f32 tensors of [`CpuAutodiff`] (found by type, as
+//! `model::skinny_matmul` does); other backends keep the composed ops, which the tests compare
+//! against.
+
+use crate::backend::{Cpu, CpuAutodiff};
+use crate::optim::AdamWStep;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{binary, unary, Backward, Ops, OpsKind};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+/// Rows a task of the thread pool covers: enough work to outweigh waking a thread.
+fn rows_per_task(columns: usize) -> usize {
+    (16_384 / columns.max(1)).max(1)
+}
+
+/// `value` as a `U` when `T` and `U` are the same type.
+fn same_type<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+    if TypeId::of::<T>() != TypeId::of::<U>() {
+        return Err(value);
+    }
+    let boxed: Box<dyn Any> = Box::new(value);
+    Ok(*boxed.downcast::<U>().expect("checked: the same type"))
+}
+
+/// The f32 values of a CPU tensor in row-major order (a copy only when it is strided).
+fn contiguous_f32(tensor: &FlexTensor) -> FlexTensor {
+    if tensor.as_slice::<f32>().is_some() {
+        tensor.clone()
+    } else {
+        tensor.to_contiguous()
+    }
+}
+
+fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// A CPU tensor with its place in the autodiff graph.
+type CpuNode = burn::tensor::ops::FloatTensor<CpuAutodiff>;
+
+/// The autodiff tensor of a CPU autodiff tensor, when it holds f32 values.
+fn f32_node<const D: usize>(
+    tensor: Tensor<CpuAutodiff, D>,
+) -> Result<CpuNode, Tensor<CpuAutodiff, D>> {
+    match tensor.into_primitive() {
+        TensorPrimitive::Float(node) if node.primitive.dtype() == DType::F32 => Ok(node),
+        other => Err(Tensor::from_primitive(other)),
+    }
+}
+
+// ---- softmax over the last axis -------------------------------------------------------------
+
+/// `softmax(x)` over the last axis; fused on the CPU backend under autodiff.
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match same_type::<_, Tensor<CpuAutodiff, D>>(x) {
+        Ok(x) => same_type(cpu_softmax(x)).unwrap_or_else(|_| unreachable!("same type")),
+        Err(x) => burn::tensor::activation::softmax(x, D - 1),
+    }
+}
+
+fn cpu_softmax<const D: usize>(x: Tensor<CpuAutodiff, D>) -> Tensor<CpuAutodiff, D> {
+    let shape = x.shape();
+    let node = match f32_node(x) {
+        Ok(node) => node,
+        Err(x) => return burn::tensor::activation::softmax(x, D - 1),
+    };
+    let columns = shape.dims::<D>()[D - 1];
+    let input = contiguous_f32(&node.primitive);
+    let probs = flex_f32(
+        softmax_rows(input.as_slice().expect("contiguous"), columns),
+        shape,
+    );
+    let output = match SoftmaxBackward
+        .prepare::<NoCheckpointing>([node.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
+        OpsKind::UnTracked(prep) => prep.finish(probs),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(output))
+}
+
+/// Row-wise `exp(x - max) / Σ exp(x - max)`, summed left to right.
+pub fn softmax_rows(x: &[f32], columns: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    let rows = rows_per_task(columns) * columns;
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(columns).zip(x.chunks(columns)) {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - max).exp();
+                    sum += *y;
+                }
+                y.iter_mut().for_each(|y| *y /= sum);
+            }
+        });
+    y
+}
+
+/// `dx = y ⊙ (dy − Σ dy ⊙ y)` per row, from the probabilities `y` the forward pass kept.
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Cpu, 1> for SoftmaxBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let probs = ops.state;
+        unary::<Cpu, _>(ops.parents, ops.node, grads, |grad| {
+            let shape = probs.layout().shape().clone();
+            let columns = shape[shape.num_dims() - 1];
+            let grad = contiguous_f32(&grad);
+            let dx = softmax_backward_rows(
+                probs.as_slice().expect("kept contiguous"),
+                grad.as_slice().expect("contiguous"),
+                columns,
+            );
+            flex_f32(dx, shape)
+        });
+    }
+}
+
+fn softmax_backward_rows(y: &[f32], dy: &[f32], columns: usize) -> Vec<f32> {
+    let mut dx = vec![0.0f32; y.len()];
+    let rows = rows_per_task(columns) * columns;
+    dx.par_chunks_mut(rows)
+        .zip(y.par_chunks(rows).zip(dy.par_chunks(rows)))
+        .for_each(|(dx, (y, dy))| {
+            for (dx, (y, dy)) in dx
+                .chunks_mut(columns)
+                .zip(y.chunks(columns).zip(dy.chunks(columns)))
+            {
+                let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+                for (dx, (y, dy)) in dx.iter_mut().zip(y.iter().zip(dy)) {
+                    *dx = y * (dy - dot);
+                }
+            }
+        });
+    dx
+}
+
+// ---- next-token cross-entropy ---------------------------------------------------------------
+
+/// `Σ_rows weight · (logsumexp(logits) − logits[target])` for `logits: [batch, seq, vocab]`,
+/// `targets` and `weights: [batch, seq]`; fused on the CPU backend under autodiff (rows of
+/// weight 0 cost nothing); the logits back where it does not apply (another backend, or
+/// weights that take a gradient themselves).
+pub fn token_nll_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: &Tensor<B, 2, Int>,
+    weights: &Tensor<B, 2>,
+) -> Result<Tensor<B, 1>, Tensor<B, 3>> {
+    if weights.is_require_grad() {
+        return Err(logits);
+    }
+    let logits = same_type::<_, Tensor<CpuAutodiff, 3>>(logits)?;
+    let [batch, seq, vocab] = logits.dims();
+    let node = match f32_node(logits) {
+        Ok(node) => node,
+        Err(logits) => return Err(same_type(logits).unwrap_or_else(|_| unreachable!())),
+    };
+    let targets: Vec<i64> = targets.to_data().iter::<i64>().collect();
+    let weights: Vec<f32> = weights.to_data().iter::<f32>().collect();
+    assert_eq!(targets.len(), batch * seq, "targets: one per position");
+    assert_eq!(weights.len(), batch * seq, "weights: one per position");
+    let logits = contiguous_f32(&node.primitive);
+    let rows = Arc::new(NllRows {
+        targets,
+        weights,
+        vocab,
+    });
+    let (total, log_sum_exp) = rows.forward(logits.as_slice().expect("contiguous"));
+    let total = flex_f32(vec![total], Shape::new([1]));
+    let output = match NllBackward
+        .prepare::<NoCheckpointing>([node.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((logits, rows, Arc::new(log_sum_exp)), total),
+        OpsKind::UnTracked(prep) => prep.finish(total),
+    };
+    let output = Tensor::<CpuAutodiff, 1>::from_primitive(TensorPrimitive::Float(output));
+    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+}
+
+/// Which logit each row picks and how much the row counts.
+#[derive(Debug)]
+struct NllRows {
+    targets: Vec<i64>,
+    weights: Vec<f32>,
+    vocab: usize,
+}
+
+impl NllRows {
+    fn target(&self, row: usize) -> usize {
+        let target = self.targets[row];
+        assert!(
+            (0..self.vocab as i64).contains(&target),
+            "target token {target} at position {row} is outside the vocabulary of {}",
+            self.vocab
+        );
+        target as usize
+    }
+
+    /// The weighted sum and each row's log-sum-exp (0 where the weight is 0).
+    fn forward(&self, logits: &[f32]) -> (f32, Vec<f32>) {
+        let vocab = self.vocab;
+        let log_sum_exp: Vec<f32> = logits
+            .par_chunks(vocab)
+            .enumerate()
+            .map(|(row, x)| {
+                if self.weights[row] == 0.0 {
+                    return 0.0;
+                }
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = x.iter().map(|&x| (x - max).exp()).sum();
+                max + sum.ln()
+            })
+            .collect();
+        let total: f64 = (0..self.weights.len())
+            .filter(|&row| self.weights[row] != 0.0)
+            .map(|row| {
+                let picked = logits[row * vocab + self.target(row)];
+                self.weights[row] as f64 * (log_sum_exp[row] - picked) as f64
+            })
+            .sum();
+        (total as f32, log_sum_exp)
+    }
+
+    /// `d/dlogits = upstream · weight · (softmax(logits) − onehot(target))`.
+    fn backward(&self, logits: &[f32], log_sum_exp: &[f32], upstream: f32) -> Vec<f32> {
+        let vocab = self.vocab;
+        let mut grad = vec![0.0f32; logits.len()];
+        grad.par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .enumerate()
+            .for_each(|(row, (grad, x))| {
+                let scale = upstream * self.weights[row];
+                if scale == 0.0 {
+                    return;
+                }
+                for (grad, &x) in grad.iter_mut().zip(x) {
+                    *grad = scale * (x - log_sum_exp[row]).exp();
+                }
+                grad[self.target(row)] -= scale;
+            });
+        grad
+    }
+}
+
+#[derive(Debug)]
+struct NllBackward;
+
+impl Backward<Cpu, 1> for NllBackward {
+    type State = (FlexTensor, Arc<NllRows>, Arc<Vec<f32>>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, rows, log_sum_exp) = ops.state;
+        unary::<Cpu, _>(ops.parents, ops.node, grads, |grad| {
+            let grad = contiguous_f32(&grad);
+            let upstream = grad.as_slice::<f32>().expect("contiguous")[0];
+            let values = logits.as_slice().expect("kept contiguous");
+            let shape = logits.layout().shape().clone();
+            flex_f32(rows.backward(values, &log_sum_exp, upstream), shape)
+        });
+    }
+}
+
+// ---- RMS norm ---------------------------------------------------------------------------------
+
+/// `weight * x / sqrt(mean(x^2) + eps)` over the last axis, fused on the CPU backend under
+/// autodiff; `x` and `weight` back elsewhere.
+#[allow(clippy::type_complexity)]
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 1>)> {
+    if TypeId::of::<B>() != TypeId::of::<CpuAutodiff>() {
+        return Err((x, weight));
+    }
+    let cast_x = |x: Tensor<B, D>| -> Tensor<CpuAutodiff, D> {
+        same_type(x).unwrap_or_else(|_| unreachable!())
+    };
+    let cast_w = |w: Tensor<B, 1>| -> Tensor<CpuAutodiff, 1> {
+        same_type(w).unwrap_or_else(|_| unreachable!())
+    };
+    let shape = x.shape();
+    let (x_node, w_node) = match (f32_node(cast_x(x)), f32_node(cast_w(weight))) {
+        (Ok(x), Ok(w)) => (x, w),
+        (x, w) => {
+            let x = x.map_or_else(|t| t, |n| Tensor::from_primitive(TensorPrimitive::Float(n)));
+            let w = w.map_or_else(|t| t, |n| Tensor::from_primitive(TensorPrimitive::Float(n)));
+            return Err((
+                same_type(x).unwrap_or_else(|_| unreachable!()),
+                same_type(w).unwrap_or_else(|_| unreachable!()),
+            ));
+        }
+    };
+    let hidden = shape.dims::<D>()[D - 1];
+    let x_values = contiguous_f32(&x_node.primitive);
+    let w_values = contiguous_f32(&w_node.primitive);
+    let norm = Arc::new(RmsRows::new(
+        x_values.as_slice().expect("contiguous"),
+        hidden,
+        eps as f32,
+    ));
+    let y = norm.forward(
+        x_values.as_slice().expect("contiguous"),
+        w_values.as_slice().expect("contiguous"),
+    );
+    let y = flex_f32(y, shape);
+    let output = match RmsNormBackward
+        .prepare::<NoCheckpointing>([x_node.node.clone(), w_node.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x_values, w_values, norm), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    let output = Tensor::<CpuAutodiff, D>::from_primitive(TensorPrimitive::Float(output));
+    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+}
+
+/// Each row's `1 / sqrt(mean(x^2) + eps)`.
+#[derive(Debug)]
+struct RmsRows {
+    inverse_rms: Vec<f32>,
+    hidden: usize,
+}
+
+impl RmsRows {
+    fn new(x: &[f32], hidden: usize, eps: f32) -> Self {
+        let inverse_rms = x
+            .par_chunks(hidden)
+            .map(|row| {
+                let mean = row.iter().map(|x| x * x).sum::<f32>() / hidden as f32;
+                1.0 / (mean + eps).sqrt()
+            })
+            .collect();
+        Self {
+            inverse_rms,
+            hidden,
+        }
+    }
+
+    fn forward(&self, x: &[f32], weight: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(self.hidden)
+            .zip(x.par_chunks(self.hidden))
+            .zip(&self.inverse_rms)
+            .for_each(|((y, x), &inverse)| {
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
+                    *y = x * inverse * w;
+                }
+            });
+        y
+    }
+
+    /// `dx = r · (dn − n · mean(dn ⊙ n))` with `n = x · r`, `dn = dy ⊙ weight`.
+    fn backward_x(&self, x: &[f32], weight: &[f32], dy: &[f32]) -> Vec<f32> {
+        let hidden = self.hidden;
+        let mut dx = vec![0.0f32; x.len()];
+        dx.par_chunks_mut(hidden)
+            .zip(x.par_chunks(hidden).zip(dy.par_chunks(hidden)))
+            .zip(&self.inverse_rms)
+            .for_each(|((dx, (x, dy)), &r)| {
+                let dot: f32 = x
+                    .iter()
+                    .zip(dy)
+                    .zip(weight)
+                    .map(|((x, dy), w)| dy * w * x * r)
+                    .sum();
+                let mean = dot / hidden as f32;
+                for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(weight) {
+                    *dx = r * (dy * w - x * r * mean);
+                }
+            });
+        dx
+    }
+
+    /// `dweight = Σ_rows dy ⊙ n`, summed over fixed blocks of rows, then the blocks in order.
+    fn backward_weight(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let hidden = self.hidden;
+        let block = rows_per_task(hidden) * hidden;
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(block)
+            .zip(dy.par_chunks(block))
+            .enumerate()
+            .map(|(b, (x, dy))| {
+                let first_row = b * block / hidden;
+                let mut sum = vec![0.0f32; hidden];
+                for (i, (x, dy)) in x.chunks(hidden).zip(dy.chunks(hidden)).enumerate() {
+                    let r = self.inverse_rms[first_row + i];
+                    for ((s, &x), &dy) in sum.iter_mut().zip(x).zip(dy) {
+                        *s += dy * x * r;
+                    }
+                }
+                sum
+            })
+            .collect();
+        let mut total = vec![0.0f32; hidden];
+        for partial in partials {
+            total.iter_mut().zip(partial).for_each(|(t, p)| *t += p);
+        }
+        total
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Cpu, 2> for RmsNormBackward {
+    type State = (FlexTensor, FlexTensor, Arc<RmsRows>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight, norm) = ops.state;
+        let (x_shape, w_shape) = (x.layout().shape().clone(), weight.layout().shape().clone());
+        let (norm_x, x_for_w) = (norm.clone(), x.clone());
+        binary::<Cpu, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |dy| {
+                let dy = contiguous_f32(&dy);
+                let dx = norm_x.backward_x(
+                    x.as_slice().expect("kept contiguous"),
+                    weight.as_slice().expect("kept contiguous"),
+                    dy.as_slice().expect("contiguous"),
+                );
+                flex_f32(dx, x_shape)
+            },
+            |dy| {
+                let dy = contiguous_f32(&dy);
+                let dw = norm.backward_weight(
+                    x_for_w.as_slice().expect("kept contiguous"),
+                    dy.as_slice().expect("contiguous"),
+                );
+                flex_f32(dw, w_shape)
+            },
+        );
+    }
+}
+
+// ---- SwiGLU's gate ------------------------------------------------------------------------------
+
+/// `silu(gate) * up`, fused on the CPU backend under autodiff; the inputs back elsewhere.
+#[allow(clippy::type_complexity)]
+pub fn silu_gate<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if TypeId::of::<B>() != TypeId::of::<CpuAutodiff>() || gate.shape() != up.shape() {
+        return Err((gate, up));
+    }
+    let cast = |x: Tensor<B, D>| -> Tensor<CpuAutodiff, D> {
+        same_type(x).unwrap_or_else(|_| unreachable!())
+    };
+    let back = |x: Result<CpuNode, Tensor<CpuAutodiff, D>>| -> Tensor<B, D> {
+        let x = x.map_or_else(|t| t, |n| Tensor::from_primitive(TensorPrimitive::Float(n)));
+        same_type(x).unwrap_or_else(|_| unreachable!())
+    };
+    let shape = gate.shape();
+    let (gate_node, up_node) = match (f32_node(cast(gate)), f32_node(cast(up))) {
+        (Ok(g), Ok(u)) => (g, u),
+        (g, u) => return Err((back(g), back(u))),
+    };
+    let gate_values = contiguous_f32(&gate_node.primitive);
+    let up_values = contiguous_f32(&up_node.primitive);
+    let (g, u) = (
+        gate_values.as_slice::<f32>().expect("contiguous"),
+        up_values.as_slice::<f32>().expect("contiguous"),
+    );
+    let y = elementwise(g, u, g, |g, u, _| g * sigmoid(g) * u);
+    let y = flex_f32(y, shape);
+    let output = match SiluGateBackward
+        .prepare::<NoCheckpointing>([gate_node.node.clone(), up_node.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((gate_values, up_values), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    let output = Tensor::<CpuAutodiff, D>::from_primitive(TensorPrimitive::Float(output));
+    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+}
+
+/// `f(a, b, c)` element by element, over chunks split across the thread pool.
+fn elementwise(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    f: impl Fn(f32, f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    a.par_chunks(CHUNK)
+        .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))
+        .flat_map_iter(|(a, (b, c))| {
+            let f = &f;
+            a.iter()
+                .zip(b.iter().zip(c))
+                .map(move |(&a, (&b, &c))| f(a, b, c))
+        })
+        .collect()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `d gate = dy · up · s · (1 + gate · (1 − s))`, `d up = dy · gate · s`, `s = sigmoid(gate)`.
+#[derive(Debug)]
+struct SiluGateBackward;
+
+impl Backward<Cpu, 2> for SiluGateBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let shape = gate.layout().shape().clone();
+        let slice = |t: &FlexTensor| -> FlexTensor { contiguous_f32(t) };
+        let (gate_for_up, shape_for_up) = (gate.clone(), shape.clone());
+        binary::<Cpu, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |dy| {
+                let dy = slice(&dy);
+                let [dy, g, u] =
+                    [&dy, &gate, &up].map(|t| t.as_slice::<f32>().expect("contiguous"));
+                let d_gate = elementwise(dy, g, u, |dy, g, u| {
+                    let s = sigmoid(g);
+                    dy * u * s * (1.0 + g * (1.0 - s))
+                });
+                flex_f32(d_gate, shape)
+            },
+            |dy| {
+                let dy = slice(&dy);
+                let [dy, g] = [&dy, &gate_for_up].map(|t| t.as_slice::<f32>().expect("contiguous"));
+                flex_f32(
+                    elementwise(dy, g, g, |dy, g, _| dy * g * sigmoid(g)),
+                    shape_for_up,
+                )
+            },
+        );
+    }
+}
+
+// ---- rotary position embedding ---------------------------------------------------------------
+
+/// `x * cos + rotate_half(x) * sin` over the last axis (`rotate_half(x) = [-x2, x1]`), for `x`
+/// and the tables of one shape; fused on the CPU backend, with or without autodiff (the same
+/// f32 operations as the composed form, so the same bits); `x` back elsewhere.
+pub fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+    let shape = x.shape();
+    let is_cpu = TypeId::of::<B>() == TypeId::of::<Cpu>();
+    let is_cpu_autodiff = TypeId::of::<B>() == TypeId::of::<CpuAutodiff>();
+    let f32s = [&x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
+    if !(is_cpu || is_cpu_autodiff) || !f32s || cos.shape() != shape || sin.shape() != shape {
+        return Err(x);
+    }
+    let head_dim = shape.dims::<4>()[3];
+    let table = |t: &Tensor<B, 4>| -> FlexTensor {
+        let inner = match same_type::<_, Tensor<CpuAutodiff, 4>>(t.clone()) {
+            Ok(t) => t.inner(),
+            Err(t) => same_type(t).unwrap_or_else(|_| unreachable!("checked: CPU")),
+        };
+        contiguous_f32(&inner.into_primitive().tensor())
+    };
+    let (cos, sin) = (table(cos), table(sin));
+    let forward = |x: &FlexTensor| -> FlexTensor {
+        let x = contiguous_f32(x);
+        let [x, c, s] = [&x, &cos, &sin].map(|t| t.as_slice::<f32>().expect("contiguous"));
+        flex_f32(rotate_rows(x, c, s, head_dim, false), shape.clone())
+    };
+    match same_type::<_, Tensor<CpuAutodiff, 4>>(x) {
+        Ok(x) => {
+            let node = f32_node(x).unwrap_or_else(|_| unreachable!("checked: f32"));
+            let y = forward(&node.primitive);
+            let output = match RopeBackward
+                .prepare::<NoCheckpointing>([node.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish((cos, sin), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            let output = Tensor::<CpuAutodiff, 4>::from_primitive(TensorPrimitive::Float(output));
+            Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+        }
+        Err(x) => {
+            let x: Tensor<Cpu, 4> = same_type(x).unwrap_or_else(|_| unreachable!("checked: CPU"));
+            let y = forward(&x.into_primitive().tensor());
+            let y = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(y));
+            Ok(same_type(y).unwrap_or_else(|_| unreachable!("same type")))
+        }
+    }
+}
+
+/// Forward: `y_j = x_j c_j + r_j s_j` with `r = [-x2, x1]`. Backward (`transposed`), from
+/// `dy` in place of `x`: `dx_j = dy_j c_j + t_j` with `t = [dy2 ⊙ s2, -(dy1 ⊙ s1)]`.
+fn rotate_rows(x: &[f32], c: &[f32], s: &[f32], head_dim: usize, transposed: bool) -> Vec<f32> {
+    let half = head_dim / 2;
+    let rows = rows_per_task(head_dim) * head_dim;
+    x.par_chunks(rows)
+        .zip(c.par_chunks(rows).zip(s.par_chunks(rows)))
+        .flat_map_iter(|(x, (c, s))| {
+            x.chunks(head_dim)
+                .zip(c.chunks(head_dim).zip(s.chunks(head_dim)))
+                .flat_map(move |(x, (c, s))| {
+                    (0..head_dim).map(move |j| {
+                        let rotated = match (transposed, j < half) {
+                            (false, true) => -x[j + half] * s[j],
+                            (false, false) => x[j - half] * s[j],
+                            (true, true) => x[j + half] * s[j + half],
+                            (true, false) => -(x[j - half] * s[j - half]),
+                        };
+                        x[j] * c[j] + rotated
+                    })
+                })
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl Backward<Cpu, 1> for RopeBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin) = ops.state;
+        unary::<Cpu, _>(ops.parents, ops.node, grads, |dy| {
+            let shape = cos.layout().shape().clone();
+            let head_dim = shape[shape.num_dims() - 1];
+            let dy = contiguous_f32(&dy);
+            let [dy, c, s] = [&dy, &cos, &sin].map(|t| t.as_slice::<f32>().expect("contiguous"));
+            flex_f32(rotate_rows(dy, c, s, head_dim, true), shape)
+        });
+    }
+}
+
+// ---- AdamW ------------------------------------------------------------------------------------
+
+type AdamWTensors<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
+
+/// `(param, m, v)` after one AdamW update in one pass, on f32 tensors of the CPU backend
+/// (inference side: the optimizer works on the inner tensors); the inputs back elsewhere.
+/// The same f32 operations in the same order as [`AdamWStep::apply`], so the same bits.
+#[allow(clippy::type_complexity)]
+pub fn adamw_update<B: Backend>(
+    param: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    step: &AdamWStep,
+) -> Result<(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>), AdamWTensors<B>> {
+    let all_f32 = [&param, &grad, &m, &v]
+        .iter()
+        .all(|t| t.dtype() == DType::F32);
+    if TypeId::of::<B>() != TypeId::of::<Cpu>() || !all_f32 {
+        return Err((param, grad, m, v));
+    }
+    let on_cpu = |t: Tensor<B, 1>| -> FlexTensor {
+        let t: Tensor<Cpu, 1> = same_type(t).unwrap_or_else(|_| unreachable!("checked"));
+        contiguous_f32(&t.into_primitive().tensor())
+    };
+    let (param, grad, m, v) = (on_cpu(param), on_cpu(grad), on_cpu(m), on_cpu(v));
+    let [param, grad, m, v] = [&param, &grad, &m, &v].map(|t| t.as_slice::<f32>().expect("f32"));
+    let len = param.len();
+    let (mut new_param, mut new_m, mut new_v) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+    // The scalars as the tensor ops see them: rounded to f32.
+    let decay = step.decay.map(|d| d as f32);
+    let (beta1, one_minus_beta1) = (step.beta1 as f32, (1.0 - step.beta1) as f32);
+    let (beta2, one_minus_beta2) = (step.beta2 as f32, (1.0 - step.beta2) as f32);
+    let (bias2, eps, step_size) = (
+        step.bias_correction2_sqrt as f32,
+        step.eps as f32,
+        step.step_size as f32,
+    );
+    const CHUNK: usize = 1 << 14;
+    new_param
+        .par_chunks_mut(CHUNK)
+        .zip(new_m.par_chunks_mut(CHUNK))
+        .zip(new_v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, ((out_p, out_m), out_v))| {
+            let start = chunk * CHUNK;
+            for i in 0..out_p.len() {
+                let (p, g) = (param[start + i], grad[start + i]);
+                let p = decay.map_or(p, |d| p * d);
+                let m = m[start + i] * beta1 + g * one_minus_beta1;
+                let v = v[start + i] * beta2 + g * g * one_minus_beta2;
+                let denom = v.sqrt() / bias2 + eps;
+                out_p[i] = p - m / denom * step_size;
+                out_m[i] = m;
+                out_v[i] = v;
+            }
+        });
+    let back = |values: Vec<f32>| -> Tensor<B, 1> {
+        let t = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(flex_f32(
+            values,
+            Shape::new([len]),
+        )));
+        same_type(t).unwrap_or_else(|_| unreachable!("checked"))
+    };
+    Ok((back(new_param), back(new_m), back(new_v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::{log_softmax, softmax};
+    use burn::tensor::Distribution;
+
+    type AB = CpuAutodiff;
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<AB, D> {
+        <AB as Backend>::seed(&Default::default(), seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 3.0), &Default::default())
+    }
+
+    fn max_difference<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composed_one_forward_and_backward() {
+        // 37 columns: rows do not line up with the thread pool's tasks.
+        let x = random([3, 2, 50, 37], 1);
+        let upstream = random([3, 2, 50, 37], 2).inner();
+        let run = |fused: bool| {
+            let x = Tensor::<AB, 4>::from_inner(x.clone().inner()).require_grad();
+            let y = match fused {
+                true => softmax_last(x.clone()),
+                false => softmax(x.clone(), 3),
+            };
+            let loss = (y.clone() * Tensor::from_inner(upstream.clone())).sum();
+            let grads = loss.backward();
+            (y.inner(), x.grad(&grads).expect("x takes a gradient"))
+        };
+        let ((y_fused, dx_fused), (y_composed, dx_composed)) = (run(true), run(false));
+        let (dy, dg) = (
+            max_difference(y_fused, y_composed),
+            max_difference(dx_fused, dx_composed.clone()),
+        );
+        let scale: f32 = dx_composed.abs().max().into_scalar();
+        assert!(dy < 1e-6, "probabilities differ by {dy}");
+        assert!(dg < 1e-5 * scale.max(1.0), "gradients differ by {dg}");
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_the_composed_one_forward_and_backward() {
+        let [batch, seq, vocab] = [2, 9, 61];
+        let logits = random([batch, seq, vocab], 3);
+        let device = Default::default();
+        let targets: Vec<i32> = (0..batch * seq).map(|i| (i * 17 % vocab) as i32).collect();
+        let targets =
+            Tensor::<AB, 1, Int>::from_data(TensorData::new(targets, [batch * seq]), &device)
+                .reshape([batch, seq]);
+        // Some rows not selected, one counted twice (weights, not only a mask).
+        let weights: Vec<f32> = (0..batch * seq).map(|i| [1.0, 0.0, 2.0][i % 3]).collect();
+        let weights = Tensor::<AB, 1>::from_data(TensorData::new(weights, [batch * seq]), &device)
+            .reshape([batch, seq]);
+        let run = |fused: bool| {
+            let x = Tensor::<AB, 3>::from_inner(logits.clone().inner()).require_grad();
+            let loss = if fused {
+                token_nll_sum(x.clone(), &targets, &weights).expect("the CPU autodiff path")
+            } else {
+                let picked = log_softmax(x.clone(), 2)
+                    .gather(2, targets.clone().unsqueeze_dim::<3>(2))
+                    .squeeze_dim::<2>(2);
+                (picked * weights.clone()).sum().neg()
+            };
+            // An upstream gradient other than 1, as the mean over tokens gives.
+            let grads = loss.clone().mul_scalar(0.25).backward();
+            let dx = x.grad(&grads).expect("logits take a gradient");
+            (loss.into_scalar(), dx)
+        };
+        let ((loss_fused, dx_fused), (loss_composed, dx_composed)) = (run(true), run(false));
+        assert!(
+            (loss_fused - loss_composed).abs() < 1e-5 * loss_composed.abs(),
+            "{loss_fused} against {loss_composed}"
+        );
+        let dg = max_difference(dx_fused, dx_composed);
+        assert!(dg < 1e-6, "gradients differ by {dg}");
+    }
+
+    #[test]
+    fn the_fused_loss_is_taken_only_on_the_cpu_autodiff_backend() {
+        let device = Default::default();
+        let targets = Tensor::<Cpu, 2, Int>::zeros([1, 2], &device);
+        let weights = Tensor::<Cpu, 2>::ones([1, 2], &device);
+        let logits = Tensor::<Cpu, 3>::zeros([1, 2, 4], &device);
+        assert!(token_nll_sum(logits, &targets, &weights).is_err());
+        let tracked_weights = Tensor::<AB, 2>::ones([1, 2], &device).require_grad();
+        let logits = Tensor::<AB, 3>::zeros([1, 2, 4], &device);
+        let targets = Tensor::<AB, 2, Int>::zeros([1, 2], &device);
+        assert!(token_nll_sum(logits, &targets, &tracked_weights).is_err());
+    }
+
+    /// Value and gradients of `Σ f(inputs) ⊙ upstream`, fused against composed.
+    fn assert_same_gradients<const D: usize, const N: usize>(
+        what: &str,
+        inputs: [Tensor<Cpu, D>; N],
+        fused: impl Fn(&[Tensor<AB, D>; N]) -> Tensor<AB, D>,
+        composed: impl Fn(&[Tensor<AB, D>; N]) -> Tensor<AB, D>,
+    ) {
+        let run = |f: &dyn Fn(&[Tensor<AB, D>; N]) -> Tensor<AB, D>| {
+            let tracked = inputs
+                .clone()
+                .map(|x| Tensor::<AB, D>::from_inner(x).require_grad());
+            let y = f(&tracked);
+            let upstream = Tensor::<AB, D>::from_inner(random(y.dims(), 99).inner());
+            let grads = (y.clone() * upstream).sum().backward();
+            let dx = tracked.map(|x| x.grad(&grads).expect("every input takes a gradient"));
+            (y.inner(), dx)
+        };
+        let ((y_fused, d_fused), (y_composed, d_composed)) = (run(&fused), run(&composed));
+        let scale = |t: &Tensor<Cpu, D>| -> f32 { t.clone().abs().max().into_scalar() };
+        let dy = max_difference(y_fused, y_composed.clone());
+        assert!(
+            dy <= 1e-5 * scale(&y_composed).max(1.0),
+            "{what}: outputs differ by {dy}"
+        );
+        for (i, (a, b)) in d_fused.into_iter().zip(d_composed).enumerate() {
+            let tolerance = 1e-5 * scale(&b).max(1.0);
+            let d = max_difference(a, b);
+            assert!(
+                d <= tolerance,
+                "{what}: gradients of input {i} differ by {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_composed_one_forward_and_backward() {
+        let x = random([3, 70, 48], 10).inner();
+        // The weight spread as a [1, 1, 48] tensor, so that both inputs have rank 3.
+        let weight = random([1, 1, 48], 11).inner();
+        let eps = 1e-5;
+        assert_same_gradients(
+            "rms norm",
+            [x, weight],
+            |[x, w]| rms_norm(x.clone(), w.clone().reshape([48]), eps).expect("CPU autodiff"),
+            |[x, w]| {
+                let variance = x.clone().square().mean_dim(2);
+                x.clone() * variance.add_scalar(eps).sqrt().recip() * w.clone()
+            },
+        );
+    }
+
+    #[test]
+    fn fused_silu_gate_matches_the_composed_one_forward_and_backward() {
+        let (gate, up) = (
+            random([2, 33, 40], 12).inner(),
+            random([2, 33, 40], 13).inner(),
+        );
+        assert_same_gradients(
+            "silu gate",
+            [gate, up],
+            |[g, u]| silu_gate(g.clone(), u.clone()).expect("CPU autodiff"),
+            |[g, u]| burn::tensor::activation::silu(g.clone()) * u.clone(),
+        );
+    }
+
+    #[test]
+    fn fused_rope_matches_rotate_half_forward_and_backward() {
+        let shape = [2, 7, 3, 16];
+        let (cos, sin) = (random(shape, 14), random(shape, 15));
+        let rotate_half = |x: Tensor<AB, 4>| {
+            let x1 = x.clone().slice([0..2, 0..7, 0..3, 0..8]);
+            let x2 = x.slice([0..2, 0..7, 0..3, 8..16]);
+            Tensor::cat(vec![x2.neg(), x1], 3)
+        };
+        assert_same_gradients(
+            "rope",
+            [random(shape, 16).inner()],
+            |[x]| rope(x.clone(), &cos, &sin).expect("CPU autodiff"),
+            |[x]| x.clone() * cos.clone() + rotate_half(x.clone()) * sin.clone(),
+        );
+        // Without autodiff too.
+        let x = random(shape, 17).inner();
+        let (c, s) = (cos.clone().inner(), sin.clone().inner());
+        let fused = rope(x.clone(), &c, &s).expect("CPU");
+        let x1 = x.clone().slice([0..2, 0..7, 0..3, 0..8]);
+        let x2 = x.clone().slice([0..2, 0..7, 0..3, 8..16]);
+        let composed = x * c + Tensor::cat(vec![x2.neg(), x1], 3) * s;
+        assert_eq!(fused.into_data(), composed.into_data());
+    }
+
+    #[test]
+    fn one_pass_adamw_gives_the_bits_of_the_tensor_ops() {
+        let config = crate::optim::AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let inner = |seed| random([40_000], seed).inner();
+        let (param, grad, m) = (inner(4), inner(5), inner(6));
+        let v = inner(7).abs();
+        for (steps, decays) in [(1, true), (7, false)] {
+            let step = AdamWStep::new(&config, steps, 3e-3, decays);
+            let tensor_ops = step.apply(param.clone(), grad.clone(), m.clone(), v.clone());
+            let one_pass = adamw_update(param.clone(), grad.clone(), m.clone(), v.clone(), &step)
+                .expect("the CPU path");
+            let pairs = [
+                (tensor_ops.0, one_pass.0),
+                (tensor_ops.1, one_pass.1),
+                (tensor_ops.2, one_pass.2),
+            ];
+            for (name, (a, b)) in ["param", "m", "v"].iter().zip(pairs) {
+                assert_eq!(a.into_data(), b.into_data(), "{name} after step {steps}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the vocabulary")]
+    fn a_target_outside_the_vocabulary_is_named() {
+        let device = Default::default();
+        let logits = Tensor::<AB, 3>::zeros([1, 1, 4], &device);
+        let targets = Tensor::<AB, 2, Int>::from_ints([[4]], &device);
+        let weights = Tensor::<AB, 2>::ones([1, 1], &device);
+        let _ = token_nll_sum(logits, &targets, &weights);
+    }
+}
