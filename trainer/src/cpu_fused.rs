@@ -1,5 +1,5 @@
 //! Fused operations for training on the CPU backend: the softmax over the last axis
-//! (attention), the next-token cross-entropy (the loss), the RMS norm, SwiGLU's
+//! (attention, also with its scale and mask), the next-token cross-entropy (the loss), the RMS norm, SwiGLU's
 //! `silu(gate) * up` and the rotary position embedding, each with its own backward pass, and the AdamW update in one pass over
 //! parameter, gradient and moments.
 //!
@@ -54,7 +54,9 @@ fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
 /// A CPU tensor with its place in the autodiff graph.
 type CpuNode = burn::tensor::ops::FloatTensor<CpuAutodiff>;
 
-/// The autodiff tensor of a CPU autodiff tensor, when it holds f32 values.
+/// The autodiff tensor of a CPU autodiff tensor, when it holds f32 values (else the tensor
+/// back, unchanged, as every function here hands back what it does not take).
+#[allow(clippy::result_large_err)]
 fn f32_node<const D: usize>(
     tensor: Tensor<CpuAutodiff, D>,
 ) -> Result<CpuNode, Tensor<CpuAutodiff, D>> {
@@ -157,6 +159,84 @@ fn softmax_backward_rows(y: &[f32], dy: &[f32], columns: usize) -> Vec<f32> {
             }
         });
     dx
+}
+
+/// `softmax(mask_fill(x · scale, blocked, f32::MIN))` over the last axis (attention's scores),
+/// fused on the CPU backend under autodiff for a mask of `x`'s shape; `x` back elsewhere.
+/// The same f32 operations as the composed form with [`softmax_last`].
+pub fn masked_softmax<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    blocked: &Tensor<B, D, Bool>,
+    scale: f64,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if blocked.shape() != x.shape() {
+        return Err(x);
+    }
+    let x = same_type::<_, Tensor<CpuAutodiff, D>>(x)?;
+    let shape = x.shape();
+    let node = match f32_node(x) {
+        Ok(node) => node,
+        Err(x) => return Err(same_type(x).unwrap_or_else(|_| unreachable!())),
+    };
+    let blocked: Tensor<CpuAutodiff, D, Bool> =
+        same_type(blocked.clone()).unwrap_or_else(|_| unreachable!("checked: CPU autodiff"));
+    let blocked = blocked.into_primitive().to_contiguous();
+    let columns = shape.dims::<D>()[D - 1];
+    let (scale, input) = (scale as f32, contiguous_f32(&node.primitive));
+    let scores: Vec<f32> = input
+        .as_slice::<f32>()
+        .expect("contiguous")
+        .iter()
+        .zip(mask_bytes(&blocked))
+        .map(|(&x, &m)| if m != 0 { f32::MIN } else { x * scale })
+        .collect();
+    let probs = flex_f32(softmax_rows(&scores, columns), shape);
+    let output = match MaskedSoftmaxBackward
+        .prepare::<NoCheckpointing>([node.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((probs.clone(), blocked, scale), probs),
+        OpsKind::UnTracked(prep) => prep.finish(probs),
+    };
+    let output = Tensor::<CpuAutodiff, D>::from_primitive(TensorPrimitive::Float(output));
+    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+}
+
+/// One byte per element of a contiguous bool tensor, nonzero where true.
+fn mask_bytes(mask: &FlexTensor) -> &[u8] {
+    let (start, end) = mask.layout().contiguous_offsets().expect("made contiguous");
+    &mask.bytes()[start..end]
+}
+
+/// The softmax's backward, then zero where masked, times the scale.
+#[derive(Debug)]
+struct MaskedSoftmaxBackward;
+
+impl Backward<Cpu, 1> for MaskedSoftmaxBackward {
+    type State = (FlexTensor, FlexTensor, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, blocked, scale) = ops.state;
+        unary::<Cpu, _>(ops.parents, ops.node, grads, |grad| {
+            let shape = probs.layout().shape().clone();
+            let columns = shape[shape.num_dims() - 1];
+            let grad = contiguous_f32(&grad);
+            let mut dx = softmax_backward_rows(
+                probs.as_slice().expect("kept contiguous"),
+                grad.as_slice().expect("contiguous"),
+                columns,
+            );
+            dx.par_chunks_mut(1 << 14)
+                .zip(mask_bytes(&blocked).par_chunks(1 << 14))
+                .for_each(|(dx, m)| {
+                    for (dx, &m) in dx.iter_mut().zip(m) {
+                        *dx = if m != 0 { 0.0 } else { *dx * scale };
+                    }
+                });
+            flex_f32(dx, shape)
+        });
+    }
 }
 
 // ---- next-token cross-entropy ---------------------------------------------------------------
@@ -513,15 +593,18 @@ fn elementwise(
     f: impl Fn(f32, f32, f32) -> f32 + Sync,
 ) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
-    a.par_chunks(CHUNK)
-        .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))
-        .flat_map_iter(|(a, (b, c))| {
-            let f = &f;
-            a.iter()
-                .zip(b.iter().zip(c))
-                .map(move |(&a, (&b, &c))| f(a, b, c))
-        })
-        .collect()
+    let mut out = vec![0.0f32; a.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(
+            a.par_chunks(CHUNK)
+                .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))),
+        )
+        .for_each(|(out, (a, (b, c)))| {
+            for i in 0..out.len() {
+                out[i] = f(a[i], b[i], c[i]);
+            }
+        });
+    out
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -626,24 +709,27 @@ pub fn rope<B: Backend>(
 fn rotate_rows(x: &[f32], c: &[f32], s: &[f32], head_dim: usize, transposed: bool) -> Vec<f32> {
     let half = head_dim / 2;
     let rows = rows_per_task(head_dim) * head_dim;
-    x.par_chunks(rows)
-        .zip(c.par_chunks(rows).zip(s.par_chunks(rows)))
-        .flat_map_iter(|(x, (c, s))| {
-            x.chunks(head_dim)
-                .zip(c.chunks(head_dim).zip(s.chunks(head_dim)))
-                .flat_map(move |(x, (c, s))| {
-                    (0..head_dim).map(move |j| {
-                        let rotated = match (transposed, j < half) {
-                            (false, true) => -x[j + half] * s[j],
-                            (false, false) => x[j - half] * s[j],
-                            (true, true) => x[j + half] * s[j + half],
-                            (true, false) => -(x[j - half] * s[j - half]),
-                        };
-                        x[j] * c[j] + rotated
-                    })
-                })
-        })
-        .collect()
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(rows)
+        .zip(
+            x.par_chunks(rows)
+                .zip(c.par_chunks(rows).zip(s.par_chunks(rows))),
+        )
+        .for_each(|(y, (x, (c, s)))| {
+            for start in (0..y.len()).step_by(head_dim) {
+                let (y, x) = (&mut y[start..start + head_dim], &x[start..start + head_dim]);
+                let (c, s) = (&c[start..start + head_dim], &s[start..start + head_dim]);
+                for j in 0..half {
+                    let (first, second) = match transposed {
+                        false => (-x[j + half] * s[j], x[j] * s[j + half]),
+                        true => (x[j + half] * s[j + half], -(x[j] * s[j])),
+                    };
+                    y[j] = x[j] * c[j] + first;
+                    y[j + half] = x[j + half] * c[j + half] + second;
+                }
+            }
+        });
+    y
 }
 
 #[derive(Debug)]
@@ -911,6 +997,37 @@ mod tests {
         let x2 = x.clone().slice([0..2, 0..7, 0..3, 8..16]);
         let composed = x * c + Tensor::cat(vec![x2.neg(), x1], 3) * s;
         assert_eq!(fused.into_data(), composed.into_data());
+    }
+
+    #[test]
+    fn fused_masked_softmax_matches_scale_mask_and_softmax() {
+        let shape = [2, 3, 9, 11];
+        // Causal-like blocks plus one row masked whole (a padding query).
+        let blocked: Vec<bool> = (0..2 * 3 * 9 * 11)
+            .map(|i| {
+                let (row, key) = (i / 11 % 9, i % 11);
+                key > row + 2 || row == 4
+            })
+            .collect();
+        let blocked = Tensor::<AB, 1, Bool>::from_data(
+            TensorData::new(blocked, [2 * 3 * 9 * 11]),
+            &Default::default(),
+        )
+        .reshape(shape);
+        let scale = 0.125f64;
+        assert_same_gradients(
+            "masked softmax",
+            [random(shape, 18).inner()],
+            |[x]| masked_softmax(x.clone(), &blocked, scale).expect("CPU autodiff"),
+            |[x]| {
+                softmax(
+                    x.clone()
+                        .mul_scalar(scale)
+                        .mask_fill(blocked.clone(), f32::MIN),
+                    3,
+                )
+            },
+        );
     }
 
     #[test]

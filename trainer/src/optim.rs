@@ -151,7 +151,7 @@ impl AdamWStep {
     pub fn new(config: &AdamWConfig, steps: u64, lr: f64, decays: bool) -> Self {
         let t = steps as i32;
         Self {
-            decay: (decays && config.weight_decay > 0.0).then(|| 1.0 - lr * config.weight_decay),
+            decay: (decays && config.weight_decay > 0.0).then_some(1.0 - lr * config.weight_decay),
             beta1: config.beta1,
             beta2: config.beta2,
             eps: config.eps,

@@ -643,21 +643,28 @@ fn spread_grouped_attention<B: Backend>(
     let [batch, heads, queries, head_dim] = q.dims();
     let [_, kv_heads, keys, _] = k.dims();
     let groups = heads / kv_heads;
-    let mut scores = q
+    let scale = (head_dim as f64).powf(-0.5);
+    let scores = q
         .reshape([batch, kv_heads, groups * queries, head_dim])
         .matmul(k.swap_dims(2, 3))
-        .mul_scalar((head_dim as f64).powf(-0.5))
         .reshape([batch, kv_heads, groups, queries, keys]);
-    if let Some(bias) = bias {
-        let bias = match bias.dims()[1] {
-            1 => bias.unsqueeze_dim::<5>(2),
-            _ => bias.reshape([batch, kv_heads, groups, queries, keys]),
-        };
-        scores = scores + bias;
-    }
     // f32::MIN rather than -inf: a fully masked row (a padding query) stays finite.
-    let scores = scores.mask_fill(blocked, f32::MIN);
-    let probs = crate::cpu_fused::softmax_last(scores);
+    let probs = match bias {
+        None => match crate::cpu_fused::masked_softmax(scores, &blocked, scale) {
+            Ok(probs) => probs,
+            Err(scores) => crate::cpu_fused::softmax_last(
+                scores.mul_scalar(scale).mask_fill(blocked, f32::MIN),
+            ),
+        },
+        Some(bias) => {
+            let bias = match bias.dims()[1] {
+                1 => bias.unsqueeze_dim::<5>(2),
+                _ => bias.reshape([batch, kv_heads, groups, queries, keys]),
+            };
+            let scores = scores.mul_scalar(scale) + bias;
+            crate::cpu_fused::softmax_last(scores.mask_fill(blocked, f32::MIN))
+        }
+    };
     let returned = return_probs.then(|| probs.clone().reshape([batch, heads, queries, keys]));
     let out = probs
         .reshape([batch, kv_heads, groups * queries, keys])
