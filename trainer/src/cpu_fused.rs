@@ -1,15 +1,16 @@
-//! Fused operations for training on the CPU backend: the softmax over the last axis
-//! (attention, also with its scale and mask), the next-token cross-entropy (the loss), the RMS norm, SwiGLU's
-//! `silu(gate) * up` and the rotary position embedding, each with its own backward pass, and the AdamW update in one pass over
-//! parameter, gradient and moments.
+//! Fused operations for training on the CPU backend, each with its own backward pass:
+//! attention's scale, mask and softmax (and the plain softmax over the last axis), the
+//! next-token cross-entropy, the RMS norm, SwiGLU's `silu(gate) * up` and the rotary position
+//! embedding (also without autodiff); and the AdamW update in one pass over parameter,
+//! gradient and moments.
 //!
-//! Ours because Burn 0.21's autodiff builds both from a chain of element-wise ops (max,
-//! subtract, exp, sum, divide or log, gather; then as many backward steps), each a full pass
-//! over a large tensor on one thread (AdamW: twelve). Here each is one pass forward and one backward, over rows
-//! split across the thread pool; rows are independent, so results repeat bit for bit whatever
-//! the split. Used only for f32 tensors of [`CpuAutodiff`] (found by type, as
-//! `model::skinny_matmul` does); other backends keep the composed ops, which the tests compare
-//! against.
+//! Ours because Burn 0.21's autodiff builds each from a chain of element-wise ops (max,
+//! subtract, exp, sum, divide or log, gather; then as many backward steps; AdamW: twelve), each
+//! a full pass over a large tensor on one thread. Here each is one pass forward and one
+//! backward, over rows split across the thread pool in blocks of a fixed size, so results
+//! repeat bit for bit whatever the number of threads. Used only for f32 tensors of the CPU
+//! backend (found by type, as `model::skinny_matmul` does); other backends keep the composed
+//! ops, which the tests compare against (values and gradients).
 
 use crate::backend::{Cpu, CpuAutodiff};
 use crate::optim::AdamWStep;
