@@ -19,7 +19,7 @@ use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{binary, unary, Backward, Ops, OpsKind};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorPrimitive};
+use burn::tensor::{BoolStore, DType, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 use std::any::{Any, TypeId};
@@ -39,6 +39,31 @@ fn same_type<T: 'static, U: 'static>(value: T) -> Result<U, T> {
     Ok(*boxed.downcast::<U>().expect("checked: the same type"))
 }
 
+/// `value` as a `U`, where the caller has checked that `T` is `U`.
+fn checked<T: 'static, U: 'static>(value: T) -> U {
+    same_type(value).unwrap_or_else(|_| unreachable!("the caller checked the type"))
+}
+
+/// `output` as the result of `op` in the autodiff graph, with `parents`; `state` is kept for
+/// the backward pass only where some parent takes a gradient.
+fn record<Op: Backward<Cpu, N>, const N: usize, const D: usize>(
+    op: Op,
+    parents: [&CpuNode; N],
+    state: Op::State,
+    output: FlexTensor,
+) -> Tensor<CpuAutodiff, D> {
+    let nodes = parents.map(|parent| parent.node.clone());
+    let output = match op
+        .prepare::<NoCheckpointing>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(output))
+}
+
 /// The f32 values of a CPU tensor in row-major order (a copy only when it is strided).
 fn contiguous_f32(tensor: &FlexTensor) -> FlexTensor {
     if tensor.as_slice::<f32>().is_some() {
@@ -55,49 +80,40 @@ fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
 /// A CPU tensor with its place in the autodiff graph.
 type CpuNode = burn::tensor::ops::FloatTensor<CpuAutodiff>;
 
-/// The autodiff tensor of a CPU autodiff tensor, when it holds f32 values (else the tensor
-/// back, unchanged, as every function here hands back what it does not take).
-#[allow(clippy::result_large_err)]
-fn f32_node<const D: usize>(
-    tensor: Tensor<CpuAutodiff, D>,
-) -> Result<CpuNode, Tensor<CpuAutodiff, D>> {
-    match tensor.into_primitive() {
-        TensorPrimitive::Float(node) if node.primitive.dtype() == DType::F32 => Ok(node),
-        other => Err(Tensor::from_primitive(other)),
-    }
+/// Whether the fused ops apply: tensors of the CPU backend under autodiff, holding f32.
+fn on_cpu_autodiff<B: Backend>(dtypes: &[DType]) -> bool {
+    TypeId::of::<B>() == TypeId::of::<CpuAutodiff>() && dtypes.iter().all(|d| *d == DType::F32)
+}
+
+/// The CPU autodiff tensor (value and graph node) that `tensor` is, where
+/// [`on_cpu_autodiff`] holds.
+fn cpu_node<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> CpuNode {
+    checked::<_, Tensor<CpuAutodiff, D>>(tensor)
+        .into_primitive()
+        .tensor()
 }
 
 // ---- softmax over the last axis -------------------------------------------------------------
 
 /// `softmax(x)` over the last axis; fused on the CPU backend under autodiff.
 pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    match same_type::<_, Tensor<CpuAutodiff, D>>(x) {
-        Ok(x) => same_type(cpu_softmax(x)).unwrap_or_else(|_| unreachable!("same type")),
-        Err(x) => burn::tensor::activation::softmax(x, D - 1),
+    if !on_cpu_autodiff::<B>(&[x.dtype()]) {
+        return burn::tensor::activation::softmax(x, D - 1);
     }
-}
-
-fn cpu_softmax<const D: usize>(x: Tensor<CpuAutodiff, D>) -> Tensor<CpuAutodiff, D> {
     let shape = x.shape();
-    let node = match f32_node(x) {
-        Ok(node) => node,
-        Err(x) => return burn::tensor::activation::softmax(x, D - 1),
-    };
-    let columns = shape.dims::<D>()[D - 1];
+    let node = cpu_node(x);
     let input = contiguous_f32(&node.primitive);
+    let columns = shape.dims::<D>()[D - 1];
     let probs = flex_f32(
         softmax_rows(input.as_slice().expect("contiguous"), columns),
         shape,
     );
-    let output = match SoftmaxBackward
-        .prepare::<NoCheckpointing>([node.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(probs.clone(), probs),
-        OpsKind::UnTracked(prep) => prep.finish(probs),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(output))
+    checked(record::<_, 1, D>(
+        SoftmaxBackward,
+        [&node],
+        probs.clone(),
+        probs,
+    ))
 }
 
 /// Row-wise `exp(x - max) / Σ exp(x - max)`, summed left to right.
@@ -170,17 +186,17 @@ pub fn masked_softmax<B: Backend, const D: usize>(
     blocked: &Tensor<B, D, Bool>,
     scale: f64,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    if blocked.shape() != x.shape() {
+    // One byte per mask element (`mask_bytes`), which is how the CPU backend stores bools.
+    let byte_mask = matches!(
+        blocked.dtype(),
+        DType::Bool(BoolStore::Native | BoolStore::U8)
+    );
+    if blocked.shape() != x.shape() || !byte_mask || !on_cpu_autodiff::<B>(&[x.dtype()]) {
         return Err(x);
     }
-    let x = same_type::<_, Tensor<CpuAutodiff, D>>(x)?;
     let shape = x.shape();
-    let node = match f32_node(x) {
-        Ok(node) => node,
-        Err(x) => return Err(same_type(x).unwrap_or_else(|_| unreachable!())),
-    };
-    let blocked: Tensor<CpuAutodiff, D, Bool> =
-        same_type(blocked.clone()).unwrap_or_else(|_| unreachable!("checked: CPU autodiff"));
+    let node = cpu_node(x);
+    let blocked: Tensor<CpuAutodiff, D, Bool> = checked(blocked.clone());
     let blocked = blocked.into_primitive().to_contiguous();
     let columns = shape.dims::<D>()[D - 1];
     let (scale, input) = (scale as f32, contiguous_f32(&node.primitive));
@@ -192,16 +208,13 @@ pub fn masked_softmax<B: Backend, const D: usize>(
         .map(|(&x, &m)| if m != 0 { f32::MIN } else { x * scale })
         .collect();
     let probs = flex_f32(softmax_rows(&scores, columns), shape);
-    let output = match MaskedSoftmaxBackward
-        .prepare::<NoCheckpointing>([node.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((probs.clone(), blocked, scale), probs),
-        OpsKind::UnTracked(prep) => prep.finish(probs),
-    };
-    let output = Tensor::<CpuAutodiff, D>::from_primitive(TensorPrimitive::Float(output));
-    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+    let state = (probs.clone(), blocked, scale);
+    Ok(checked(record::<_, 1, D>(
+        MaskedSoftmaxBackward,
+        [&node],
+        state,
+        probs,
+    )))
 }
 
 /// One byte per element of a contiguous bool tensor, nonzero where true.
@@ -251,15 +264,11 @@ pub fn token_nll_sum<B: Backend>(
     targets: &Tensor<B, 2, Int>,
     weights: &Tensor<B, 2>,
 ) -> Result<Tensor<B, 1>, Tensor<B, 3>> {
-    if weights.is_require_grad() {
+    if weights.is_require_grad() || !on_cpu_autodiff::<B>(&[logits.dtype()]) {
         return Err(logits);
     }
-    let logits = same_type::<_, Tensor<CpuAutodiff, 3>>(logits)?;
     let [batch, seq, vocab] = logits.dims();
-    let node = match f32_node(logits) {
-        Ok(node) => node,
-        Err(logits) => return Err(same_type(logits).unwrap_or_else(|_| unreachable!())),
-    };
+    let node = cpu_node(logits);
     let targets: Vec<i64> = targets.to_data().iter::<i64>().collect();
     let weights: Vec<f32> = weights.to_data().iter::<f32>().collect();
     assert_eq!(targets.len(), batch * seq, "targets: one per position");
@@ -272,16 +281,13 @@ pub fn token_nll_sum<B: Backend>(
     });
     let (total, log_sum_exp) = rows.forward(logits.as_slice().expect("contiguous"));
     let total = flex_f32(vec![total], Shape::new([1]));
-    let output = match NllBackward
-        .prepare::<NoCheckpointing>([node.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((logits, rows, Arc::new(log_sum_exp)), total),
-        OpsKind::UnTracked(prep) => prep.finish(total),
-    };
-    let output = Tensor::<CpuAutodiff, 1>::from_primitive(TensorPrimitive::Float(output));
-    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+    let state = (logits, rows, Arc::new(log_sum_exp));
+    Ok(checked(record::<_, 1, 1>(
+        NllBackward,
+        [&node],
+        state,
+        total,
+    )))
 }
 
 /// Which logit each row picks and how much the row counts.
@@ -377,27 +383,11 @@ pub fn rms_norm<B: Backend, const D: usize>(
     weight: Tensor<B, 1>,
     eps: f64,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 1>)> {
-    if TypeId::of::<B>() != TypeId::of::<CpuAutodiff>() {
+    if !on_cpu_autodiff::<B>(&[x.dtype(), weight.dtype()]) {
         return Err((x, weight));
     }
-    let cast_x = |x: Tensor<B, D>| -> Tensor<CpuAutodiff, D> {
-        same_type(x).unwrap_or_else(|_| unreachable!())
-    };
-    let cast_w = |w: Tensor<B, 1>| -> Tensor<CpuAutodiff, 1> {
-        same_type(w).unwrap_or_else(|_| unreachable!())
-    };
     let shape = x.shape();
-    let (x_node, w_node) = match (f32_node(cast_x(x)), f32_node(cast_w(weight))) {
-        (Ok(x), Ok(w)) => (x, w),
-        (x, w) => {
-            let x = x.map_or_else(|t| t, |n| Tensor::from_primitive(TensorPrimitive::Float(n)));
-            let w = w.map_or_else(|t| t, |n| Tensor::from_primitive(TensorPrimitive::Float(n)));
-            return Err((
-                same_type(x).unwrap_or_else(|_| unreachable!()),
-                same_type(w).unwrap_or_else(|_| unreachable!()),
-            ));
-        }
-    };
+    let (x_node, w_node) = (cpu_node(x), cpu_node(weight));
     let hidden = shape.dims::<D>()[D - 1];
     let x_values = contiguous_f32(&x_node.primitive);
     let w_values = contiguous_f32(&w_node.primitive);
@@ -411,16 +401,13 @@ pub fn rms_norm<B: Backend, const D: usize>(
         w_values.as_slice().expect("contiguous"),
     );
     let y = flex_f32(y, shape);
-    let output = match RmsNormBackward
-        .prepare::<NoCheckpointing>([x_node.node.clone(), w_node.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((x_values, w_values, norm), y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
-    let output = Tensor::<CpuAutodiff, D>::from_primitive(TensorPrimitive::Float(output));
-    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+    let state = (x_values, w_values, norm);
+    Ok(checked(record::<_, 2, D>(
+        RmsNormBackward,
+        [&x_node, &w_node],
+        state,
+        y,
+    )))
 }
 
 /// Each row's `1 / sqrt(mean(x^2) + eps)`.
@@ -551,21 +538,11 @@ pub fn silu_gate<B: Backend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-    if TypeId::of::<B>() != TypeId::of::<CpuAutodiff>() || gate.shape() != up.shape() {
+    if !on_cpu_autodiff::<B>(&[gate.dtype(), up.dtype()]) || gate.shape() != up.shape() {
         return Err((gate, up));
     }
-    let cast = |x: Tensor<B, D>| -> Tensor<CpuAutodiff, D> {
-        same_type(x).unwrap_or_else(|_| unreachable!())
-    };
-    let back = |x: Result<CpuNode, Tensor<CpuAutodiff, D>>| -> Tensor<B, D> {
-        let x = x.map_or_else(|t| t, |n| Tensor::from_primitive(TensorPrimitive::Float(n)));
-        same_type(x).unwrap_or_else(|_| unreachable!())
-    };
     let shape = gate.shape();
-    let (gate_node, up_node) = match (f32_node(cast(gate)), f32_node(cast(up))) {
-        (Ok(g), Ok(u)) => (g, u),
-        (g, u) => return Err((back(g), back(u))),
-    };
+    let (gate_node, up_node) = (cpu_node(gate), cpu_node(up));
     let gate_values = contiguous_f32(&gate_node.primitive);
     let up_values = contiguous_f32(&up_node.primitive);
     let (g, u) = (
@@ -574,16 +551,13 @@ pub fn silu_gate<B: Backend, const D: usize>(
     );
     let y = elementwise(g, u, g, |g, u, _| g * sigmoid(g) * u);
     let y = flex_f32(y, shape);
-    let output = match SiluGateBackward
-        .prepare::<NoCheckpointing>([gate_node.node.clone(), up_node.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish((gate_values, up_values), y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
-    let output = Tensor::<CpuAutodiff, D>::from_primitive(TensorPrimitive::Float(output));
-    Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+    let state = (gate_values, up_values);
+    Ok(checked(record::<_, 2, D>(
+        SiluGateBackward,
+        [&gate_node, &up_node],
+        state,
+        y,
+    )))
 }
 
 /// `f(a, b, c)` element by element, over chunks split across the thread pool.
@@ -671,7 +645,7 @@ pub fn rope<B: Backend>(
     let table = |t: &Tensor<B, 4>| -> FlexTensor {
         let inner = match same_type::<_, Tensor<CpuAutodiff, 4>>(t.clone()) {
             Ok(t) => t.inner(),
-            Err(t) => same_type(t).unwrap_or_else(|_| unreachable!("checked: CPU")),
+            Err(t) => checked(t),
         };
         contiguous_f32(&inner.into_primitive().tensor())
     };
@@ -683,24 +657,20 @@ pub fn rope<B: Backend>(
     };
     match same_type::<_, Tensor<CpuAutodiff, 4>>(x) {
         Ok(x) => {
-            let node = f32_node(x).unwrap_or_else(|_| unreachable!("checked: f32"));
+            let node = cpu_node(x);
             let y = forward(&node.primitive);
-            let output = match RopeBackward
-                .prepare::<NoCheckpointing>([node.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish((cos, sin), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            };
-            let output = Tensor::<CpuAutodiff, 4>::from_primitive(TensorPrimitive::Float(output));
-            Ok(same_type(output).unwrap_or_else(|_| unreachable!("same type")))
+            Ok(checked(record::<_, 1, 4>(
+                RopeBackward,
+                [&node],
+                (cos, sin),
+                y,
+            )))
         }
         Err(x) => {
-            let x: Tensor<Cpu, 4> = same_type(x).unwrap_or_else(|_| unreachable!("checked: CPU"));
+            let x: Tensor<Cpu, 4> = checked(x);
             let y = forward(&x.into_primitive().tensor());
             let y = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(y));
-            Ok(same_type(y).unwrap_or_else(|_| unreachable!("same type")))
+            Ok(checked(y))
         }
     }
 }
@@ -773,7 +743,7 @@ pub fn adamw_update<B: Backend>(
         return Err((param, grad, m, v));
     }
     let on_cpu = |t: Tensor<B, 1>| -> FlexTensor {
-        let t: Tensor<Cpu, 1> = same_type(t).unwrap_or_else(|_| unreachable!("checked"));
+        let t: Tensor<Cpu, 1> = checked(t);
         contiguous_f32(&t.into_primitive().tensor())
     };
     let (param, grad, m, v) = (on_cpu(param), on_cpu(grad), on_cpu(m), on_cpu(v));
@@ -813,7 +783,7 @@ pub fn adamw_update<B: Backend>(
             values,
             Shape::new([len]),
         )));
-        same_type(t).unwrap_or_else(|_| unreachable!("checked"))
+        checked(t)
     };
     Ok((back(new_param), back(new_m), back(new_v)))
 }
