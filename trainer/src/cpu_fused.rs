@@ -1,11 +1,10 @@
 //! Fused operations for training on the CPU backend, each with its own backward pass:
 //! attention's scale, mask and softmax (and the plain softmax over the last axis), the
 //! next-token cross-entropy, the RMS norm, SwiGLU's `silu(gate) * up` and the rotary position
-//! embedding (also without autodiff); and the AdamW update in one pass over parameter,
-//! gradient and moments.
+//! embedding (also without autodiff). (AdamW's one-pass update is in `optim`.)
 //!
 //! Ours because Burn 0.21's autodiff builds each from a chain of element-wise ops (max,
-//! subtract, exp, sum, divide or log, gather; then as many backward steps; AdamW: twelve), each
+//! subtract, exp, sum, divide or log, gather; then as many backward steps), each
 //! a full pass over a large tensor on one thread. Here each is one pass forward and one
 //! backward, over rows split across the thread pool in blocks of a fixed size, so results
 //! repeat bit for bit whatever the number of threads. Used only for f32 tensors of the CPU
@@ -13,7 +12,6 @@
 //! ops, which the tests compare against (values and gradients).
 
 use crate::backend::{Cpu, CpuAutodiff};
-use crate::optim::AdamWStep;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -31,7 +29,7 @@ fn rows_per_task(columns: usize) -> usize {
 }
 
 /// `value` as a `U` when `T` and `U` are the same type.
-fn same_type<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+pub(crate) fn same_type<T: 'static, U: 'static>(value: T) -> Result<U, T> {
     if TypeId::of::<T>() != TypeId::of::<U>() {
         return Err(value);
     }
@@ -40,7 +38,7 @@ fn same_type<T: 'static, U: 'static>(value: T) -> Result<U, T> {
 }
 
 /// `value` as a `U`, where the caller has checked that `T` is `U`.
-fn checked<T: 'static, U: 'static>(value: T) -> U {
+pub(crate) fn checked<T: 'static, U: 'static>(value: T) -> U {
     same_type(value).unwrap_or_else(|_| unreachable!("the caller checked the type"))
 }
 
@@ -65,7 +63,7 @@ fn record<Op: Backward<Cpu, N>, const N: usize, const D: usize>(
 }
 
 /// The f32 values of a CPU tensor in row-major order (a copy only when it is strided).
-fn contiguous_f32(tensor: &FlexTensor) -> FlexTensor {
+pub(crate) fn contiguous_f32(tensor: &FlexTensor) -> FlexTensor {
     if tensor.as_slice::<f32>().is_some() {
         tensor.clone()
     } else {
@@ -73,7 +71,7 @@ fn contiguous_f32(tensor: &FlexTensor) -> FlexTensor {
     }
 }
 
-fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
+pub(crate) fn flex_f32(values: Vec<f32>, shape: Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 
@@ -721,73 +719,6 @@ impl Backward<Cpu, 1> for RopeBackward {
     }
 }
 
-// ---- AdamW ------------------------------------------------------------------------------------
-
-type AdamWTensors<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
-
-/// `(param, m, v)` after one AdamW update in one pass, on f32 tensors of the CPU backend
-/// (inference side: the optimizer works on the inner tensors); the inputs back elsewhere.
-/// The same f32 operations in the same order as [`AdamWStep::apply`], so the same bits.
-#[allow(clippy::type_complexity)]
-pub fn adamw_update<B: Backend>(
-    param: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    m: Tensor<B, 1>,
-    v: Tensor<B, 1>,
-    step: &AdamWStep,
-) -> Result<(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>), AdamWTensors<B>> {
-    let all_f32 = [&param, &grad, &m, &v]
-        .iter()
-        .all(|t| t.dtype() == DType::F32);
-    if TypeId::of::<B>() != TypeId::of::<Cpu>() || !all_f32 {
-        return Err((param, grad, m, v));
-    }
-    let on_cpu = |t: Tensor<B, 1>| -> FlexTensor {
-        let t: Tensor<Cpu, 1> = checked(t);
-        contiguous_f32(&t.into_primitive().tensor())
-    };
-    let (param, grad, m, v) = (on_cpu(param), on_cpu(grad), on_cpu(m), on_cpu(v));
-    let [param, grad, m, v] = [&param, &grad, &m, &v].map(|t| t.as_slice::<f32>().expect("f32"));
-    let len = param.len();
-    let (mut new_param, mut new_m, mut new_v) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
-    // The scalars as the tensor ops see them: rounded to f32.
-    let decay = step.decay.map(|d| d as f32);
-    let (beta1, one_minus_beta1) = (step.beta1 as f32, (1.0 - step.beta1) as f32);
-    let (beta2, one_minus_beta2) = (step.beta2 as f32, (1.0 - step.beta2) as f32);
-    let (bias2, eps, step_size) = (
-        step.bias_correction2_sqrt as f32,
-        step.eps as f32,
-        step.step_size as f32,
-    );
-    const CHUNK: usize = 1 << 14;
-    new_param
-        .par_chunks_mut(CHUNK)
-        .zip(new_m.par_chunks_mut(CHUNK))
-        .zip(new_v.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(chunk, ((out_p, out_m), out_v))| {
-            let start = chunk * CHUNK;
-            for i in 0..out_p.len() {
-                let (p, g) = (param[start + i], grad[start + i]);
-                let p = decay.map_or(p, |d| p * d);
-                let m = m[start + i] * beta1 + g * one_minus_beta1;
-                let v = v[start + i] * beta2 + g * g * one_minus_beta2;
-                let denom = v.sqrt() / bias2 + eps;
-                out_p[i] = p - m / denom * step_size;
-                out_m[i] = m;
-                out_v[i] = v;
-            }
-        });
-    let back = |values: Vec<f32>| -> Tensor<B, 1> {
-        let t = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(flex_f32(
-            values,
-            Shape::new([len]),
-        )));
-        checked(t)
-    };
-    Ok((back(new_param), back(new_m), back(new_v)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -999,33 +930,6 @@ mod tests {
                 )
             },
         );
-    }
-
-    #[test]
-    fn one_pass_adamw_gives_the_bits_of_the_tensor_ops() {
-        let config = crate::optim::AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
-        let inner = |seed| random([40_000], seed).inner();
-        let (param, grad, m) = (inner(4), inner(5), inner(6));
-        let v = inner(7).abs();
-        for (steps, decays) in [(1, true), (7, false)] {
-            let step = AdamWStep::new(&config, steps, 3e-3, decays);
-            let tensor_ops = step.apply(param.clone(), grad.clone(), m.clone(), v.clone());
-            let one_pass = adamw_update(param.clone(), grad.clone(), m.clone(), v.clone(), &step)
-                .expect("the CPU path");
-            let pairs = [
-                (tensor_ops.0, one_pass.0),
-                (tensor_ops.1, one_pass.1),
-                (tensor_ops.2, one_pass.2),
-            ];
-            for (name, (a, b)) in ["param", "m", "v"].iter().zip(pairs) {
-                assert_eq!(a.into_data(), b.into_data(), "{name} after step {steps}");
-            }
-        }
     }
 
     #[test]

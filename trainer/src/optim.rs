@@ -4,13 +4,18 @@
 //! `torch.nn.utils.clip_grad_norm_`, not per tensor), accumulation is explicit, and the
 //! optimizer state is a set of named tensors that checkpoints store and restore exactly.
 
+use crate::backend::Cpu;
+use crate::cpu_fused::{checked, contiguous_f32, flex_f32};
 use crate::weights::to_host;
 use anyhow::{bail, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
 use checkpoints::{HostTensor, WeightSource};
+use rayon::prelude::*;
+use std::any::TypeId;
 use std::collections::BTreeMap;
 
 /// Flattened gradients of the trainable parameters, by name.
@@ -161,7 +166,7 @@ impl AdamWStep {
     }
 
     /// The update with tensor ops: `(param, m, v)` after it. The CPU backend runs the same
-    /// arithmetic in one pass (`cpu_fused::adamw_update`).
+    /// arithmetic in one pass (`one_pass_cpu_update`).
     pub fn apply<B: Backend>(
         &self,
         param: Tensor<B, 1>,
@@ -263,7 +268,7 @@ impl<B: Backend> AdamW<B> {
             Some(state) => state,
             None => (grad.zeros_like(), grad.zeros_like()),
         };
-        let (param, m, v) = match crate::cpu_fused::adamw_update(param, grad, m, v, &step) {
+        let (param, m, v) = match one_pass_cpu_update(param, grad, m, v, &step) {
             Ok(updated) => updated,
             Err((param, grad, m, v)) => step.apply(param, grad, m, v),
         };
@@ -309,5 +314,111 @@ impl<B: Backend> AdamW<B> {
             }
         }
         Ok(())
+    }
+}
+
+type AdamWTensors<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
+
+/// `(param, m, v)` after one AdamW update in one pass over the four tensors, on f32 tensors of
+/// the CPU backend (the optimizer works on the inner, non-autodiff tensors); the inputs back
+/// elsewhere. Ours because the tensor ops make twelve single-threaded passes; the same f32
+/// operations in the same order as [`AdamWStep::apply`], so the same bits (tested).
+#[allow(clippy::type_complexity)]
+fn one_pass_cpu_update<B: Backend>(
+    param: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    step: &AdamWStep,
+) -> Result<(Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>), AdamWTensors<B>> {
+    let all_f32 = [&param, &grad, &m, &v]
+        .iter()
+        .all(|t| t.dtype() == DType::F32);
+    if TypeId::of::<B>() != TypeId::of::<Cpu>() || !all_f32 {
+        return Err((param, grad, m, v));
+    }
+    let on_cpu = |t: Tensor<B, 1>| -> FlexTensor {
+        let t: Tensor<Cpu, 1> = checked(t);
+        contiguous_f32(&t.into_primitive().tensor())
+    };
+    let (param, grad, m, v) = (on_cpu(param), on_cpu(grad), on_cpu(m), on_cpu(v));
+    let [param, grad, m, v] = [&param, &grad, &m, &v].map(|t| t.as_slice::<f32>().expect("f32"));
+    let len = param.len();
+    let (mut new_param, mut new_m, mut new_v) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+    // The scalars as the tensor ops see them: rounded to f32.
+    let decay = step.decay.map(|d| d as f32);
+    let (beta1, one_minus_beta1) = (step.beta1 as f32, (1.0 - step.beta1) as f32);
+    let (beta2, one_minus_beta2) = (step.beta2 as f32, (1.0 - step.beta2) as f32);
+    let (bias2, eps, step_size) = (
+        step.bias_correction2_sqrt as f32,
+        step.eps as f32,
+        step.step_size as f32,
+    );
+    const CHUNK: usize = 1 << 14;
+    new_param
+        .par_chunks_mut(CHUNK)
+        .zip(new_m.par_chunks_mut(CHUNK))
+        .zip(new_v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, ((out_p, out_m), out_v))| {
+            let start = chunk * CHUNK;
+            for i in 0..out_p.len() {
+                let (p, g) = (param[start + i], grad[start + i]);
+                let p = decay.map_or(p, |d| p * d);
+                let m = m[start + i] * beta1 + g * one_minus_beta1;
+                let v = v[start + i] * beta2 + g * g * one_minus_beta2;
+                let denom = v.sqrt() / bias2 + eps;
+                out_p[i] = p - m / denom * step_size;
+                out_m[i] = m;
+                out_v[i] = v;
+            }
+        });
+    let back = |values: Vec<f32>| -> Tensor<B, 1> {
+        let t = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(flex_f32(
+            values,
+            Shape::new([len]),
+        )));
+        checked(t)
+    };
+    Ok((back(new_param), back(new_m), back(new_v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+    use burn::tensor::Distribution;
+
+    fn random(len: usize, seed: u64) -> Tensor<Cpu, 1> {
+        <Cpu as Backend>::seed(&Default::default(), seed);
+        Tensor::random([len], Distribution::Normal(0.0, 3.0), &Default::default())
+    }
+
+    #[test]
+    fn one_pass_adamw_gives_the_bits_of_the_tensor_ops() {
+        let config = crate::optim::AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let inner = |seed| random(40_000, seed);
+        let (param, grad, m) = (inner(4), inner(5), inner(6));
+        let v = inner(7).abs();
+        for (steps, decays) in [(1, true), (7, false)] {
+            let step = AdamWStep::new(&config, steps, 3e-3, decays);
+            let tensor_ops = step.apply(param.clone(), grad.clone(), m.clone(), v.clone());
+            let one_pass =
+                one_pass_cpu_update(param.clone(), grad.clone(), m.clone(), v.clone(), &step)
+                    .expect("the CPU path");
+            let pairs = [
+                (tensor_ops.0, one_pass.0),
+                (tensor_ops.1, one_pass.1),
+                (tensor_ops.2, one_pass.2),
+            ];
+            for (name, (a, b)) in ["param", "m", "v"].iter().zip(pairs) {
+                assert_eq!(a.into_data(), b.into_data(), "{name} after step {steps}");
+            }
+        }
     }
 }
