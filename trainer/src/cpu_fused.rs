@@ -23,9 +23,13 @@ use rayon::prelude::*;
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
-/// Rows a task of the thread pool covers: enough work to outweigh waking a thread.
+/// Elements a task of the thread pool covers: enough work to outweigh waking a thread. Fixed,
+/// so that how work is split (and summed) does not depend on the number of threads.
+pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// Whole rows of `columns` elements a task covers.
 fn rows_per_task(columns: usize) -> usize {
-    (16_384 / columns.max(1)).max(1)
+    (ELEMENTS_PER_TASK / columns.max(1)).max(1)
 }
 
 /// `value` as a `U` when `T` and `U` are the same type.
@@ -239,8 +243,8 @@ impl Backward<Cpu, 1> for MaskedSoftmaxBackward {
                 grad.as_slice().expect("contiguous"),
                 columns,
             );
-            dx.par_chunks_mut(1 << 14)
-                .zip(mask_bytes(&blocked).par_chunks(1 << 14))
+            dx.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(mask_bytes(&blocked).par_chunks(ELEMENTS_PER_TASK))
                 .for_each(|(dx, m)| {
                     for (dx, &m) in dx.iter_mut().zip(m) {
                         *dx = if m != 0 { 0.0 } else { *dx * scale };
@@ -565,7 +569,7 @@ fn elementwise(
     c: &[f32],
     f: impl Fn(f32, f32, f32) -> f32 + Sync,
 ) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
+    const CHUNK: usize = ELEMENTS_PER_TASK;
     let mut out = vec![0.0f32; a.len()];
     out.par_chunks_mut(CHUNK)
         .zip(

@@ -5,7 +5,7 @@
 //! optimizer state is a set of named tensors that checkpoints store and restore exactly.
 
 use crate::backend::Cpu;
-use crate::cpu_fused::{checked, contiguous_f32, flex_f32};
+use crate::cpu_fused::{checked, contiguous_f32, flex_f32, ELEMENTS_PER_TASK};
 use crate::weights::to_host;
 use anyhow::{bail, Result};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
@@ -354,7 +354,7 @@ fn one_pass_cpu_update<B: Backend>(
         step.eps as f32,
         step.step_size as f32,
     );
-    const CHUNK: usize = 1 << 14;
+    const CHUNK: usize = ELEMENTS_PER_TASK;
     new_param
         .par_chunks_mut(CHUNK)
         .zip(new_m.par_chunks_mut(CHUNK))
