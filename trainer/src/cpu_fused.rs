@@ -120,22 +120,25 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
 
 /// Row-wise `exp(x - max) / Σ exp(x - max)`, summed left to right.
 pub fn softmax_rows(x: &[f32], columns: usize) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    let rows = rows_per_task(columns) * columns;
-    y.par_chunks_mut(rows)
-        .zip(x.par_chunks(rows))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_mut(columns).zip(x.chunks(columns)) {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
-                    sum += *y;
-                }
-                y.iter_mut().for_each(|y| *y /= sum);
-            }
-        });
+    let mut y = x.to_vec();
+    softmax_rows_in_place(&mut y, columns);
     y
+}
+
+/// [`softmax_rows`] over `x`'s own buffer.
+fn softmax_rows_in_place(x: &mut [f32], columns: usize) {
+    let rows = rows_per_task(columns) * columns;
+    x.par_chunks_mut(rows).for_each(|x| {
+        for x in x.chunks_mut(columns) {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for x in x.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            x.iter_mut().for_each(|x| *x /= sum);
+        }
+    });
 }
 
 /// `dx = y ⊙ (dy − Σ dy ⊙ y)` per row, from the probabilities `y` the forward pass kept.
@@ -202,14 +205,16 @@ pub fn masked_softmax<B: Backend, const D: usize>(
     let blocked = blocked.into_primitive().to_contiguous();
     let columns = shape.dims::<D>()[D - 1];
     let (scale, input) = (scale as f32, contiguous_f32(&node.primitive));
-    let scores: Vec<f32> = input
+    // The scaled, masked scores, turned into probabilities in the same buffer.
+    let mut probs: Vec<f32> = input
         .as_slice::<f32>()
         .expect("contiguous")
         .iter()
         .zip(mask_bytes(&blocked))
         .map(|(&x, &m)| if m != 0 { f32::MIN } else { x * scale })
         .collect();
-    let probs = flex_f32(softmax_rows(&scores, columns), shape);
+    softmax_rows_in_place(&mut probs, columns);
+    let probs = flex_f32(probs, shape);
     let state = (probs.clone(), blocked, scale);
     Ok(checked(record::<_, 1, D>(
         MaskedSoftmaxBackward,
