@@ -23,6 +23,12 @@ use rayon::prelude::*;
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
+mod attention;
+mod linear;
+mod products;
+pub use attention::attention;
+pub use linear::matmul_transposed;
+
 /// Elements a task of the thread pool covers: enough work to outweigh waking a thread. Fixed,
 /// so that how work is split (and summed) does not depend on the number of threads.
 pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 14;
@@ -128,17 +134,19 @@ pub fn softmax_rows(x: &[f32], columns: usize) -> Vec<f32> {
 /// [`softmax_rows`] over `x`'s own buffer.
 fn softmax_rows_in_place(x: &mut [f32], columns: usize) {
     let rows = rows_per_task(columns) * columns;
-    x.par_chunks_mut(rows).for_each(|x| {
-        for x in x.chunks_mut(columns) {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for x in x.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            x.iter_mut().for_each(|x| *x /= sum);
-        }
-    });
+    x.par_chunks_mut(rows)
+        .for_each(|x| x.chunks_mut(columns).for_each(softmax_row));
+}
+
+/// One row's `exp(x - max) / Σ exp(x - max)`, in place, summed left to right.
+fn softmax_row(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for x in x.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    x.iter_mut().for_each(|x| *x /= sum);
 }
 
 /// `dx = y ⊙ (dy − Σ dy ⊙ y)` per row, from the probabilities `y` the forward pass kept.
@@ -174,13 +182,18 @@ fn softmax_backward_rows(y: &[f32], dy: &[f32], columns: usize) -> Vec<f32> {
                 .chunks_mut(columns)
                 .zip(y.chunks(columns).zip(dy.chunks(columns)))
             {
-                let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-                for (dx, (y, dy)) in dx.iter_mut().zip(y.iter().zip(dy)) {
-                    *dx = y * (dy - dot);
-                }
+                softmax_backward_row(dx, y, dy);
             }
         });
     dx
+}
+
+/// One row's `dx = y ⊙ (dy − Σ dy ⊙ y)`.
+fn softmax_backward_row(dx: &mut [f32], y: &[f32], dy: &[f32]) {
+    let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+    for (dx, (y, dy)) in dx.iter_mut().zip(y.iter().zip(dy)) {
+        *dx = y * (dy - dot);
+    }
 }
 
 /// `softmax(mask_fill(x · scale, blocked, f32::MIN))` over the last axis (attention's scores),

@@ -644,6 +644,13 @@ fn spread_grouped_attention<B: Backend>(
     let [_, kv_heads, keys, _] = k.dims();
     let groups = heads / kv_heads;
     let scale = (head_dim as f64).powf(-0.5);
+    let (q, k, v) = match (&bias, return_probs) {
+        (None, false) => match crate::cpu_fused::attention(q, k, v, &blocked, scale) {
+            Ok(out) => return (out, None),
+            Err(inputs) => inputs,
+        },
+        _ => (q, k, v),
+    };
     let scores = q
         .reshape([batch, kv_heads, groups * queries, head_dim])
         .matmul(k.swap_dims(2, 3))

@@ -1,0 +1,459 @@
+//! Attention's core as one op on the CPU backend under autodiff: per head,
+//! `softmax(mask_fill(q · kᵀ · scale, blocked, f32::MIN)) · v`, with its own backward pass.
+//!
+//! Ours because the composed form moves every head around on one thread: the projections give
+//! `[batch, seq, heads, head_dim]`, Burn's batched product wants `[batch, heads, seq,
+//! head_dim]`, and the CPU backend copies each strided view into that layout (and the
+//! gradients back) before and after every product. Here the products (the `gemm` crate that
+//! burn-flex itself calls) read queries, keys, values and upstream gradients through their
+//! strides and write outputs and gradients straight into `[batch, seq, heads, head_dim]`, the
+//! layout the next projection reads. Each (sequence, key/value head) pair is one task of the
+//! thread pool and each product runs on one thread, so results repeat bit for bit whatever
+//! the number of threads. The probabilities are kept for the backward pass, as the composed
+//! form keeps them.
+
+use super::products::{output_buffer, product, Matrix, Shared, Strided};
+use super::{checked, cpu_node, on_cpu_autodiff, record, softmax_backward_row, softmax_row};
+use crate::backend::{Cpu, CpuAutodiff};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::prelude::*;
+use burn::tensor::{BoolStore, DType};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// `softmax(mask_fill(q · kᵀ · scale, blocked, f32::MIN)) · v` for queries `q: [batch, heads,
+/// queries, head_dim]` over keys and values `[batch, kv_heads, keys, head_dim]` (query head `h`
+/// reads key/value head `h / (heads / kv_heads)`), `blocked` broadcastable to `[batch,
+/// kv_heads, heads / kv_heads, queries, keys]`: fused on the CPU backend under autodiff; the
+/// inputs back elsewhere. The result is `[batch, heads, queries, head_dim]`, stored as
+/// `[batch, queries, heads, head_dim]` (so merging the heads after `swap_dims(1, 2)` is free).
+#[allow(clippy::type_complexity)]
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    blocked: &Tensor<B, 5, Bool>,
+    scale: f64,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    let dims = Dims::of(&q.dims(), &k.dims(), &v.dims(), &blocked.dims());
+    let byte_mask = matches!(
+        blocked.dtype(),
+        DType::Bool(BoolStore::Native | BoolStore::U8)
+    );
+    let (Some(dims), true, true) = (
+        dims,
+        byte_mask,
+        on_cpu_autodiff::<B>(&[q.dtype(), k.dtype(), v.dtype()]),
+    ) else {
+        return Err((q, k, v));
+    };
+    let [q, k, v] = [q, k, v].map(cpu_node);
+    let blocked: Tensor<CpuAutodiff, 5, Bool> = checked(blocked.clone());
+    let state = AttentionState {
+        dims,
+        scale: scale as f32,
+        q: q.primitive.clone(),
+        k: k.primitive.clone(),
+        v: v.primitive.clone(),
+        blocked: blocked.into_primitive(),
+        probs: Arc::default(),
+    };
+    let (out, probs) = state.forward();
+    let state = AttentionState {
+        probs: Arc::new(probs),
+        ..state
+    };
+    Ok(checked(record::<_, 3, 4>(
+        AttentionBackward,
+        [&q, &k, &v],
+        state,
+        out,
+    )))
+}
+
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    /// The sizes, where the shapes fit together (and none is empty).
+    fn of(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4], blocked: &[usize; 5]) -> Option<Self> {
+        let [batch, heads, queries, head_dim] = *q;
+        let [_, kv_heads, keys, _] = *k;
+        let dims = Self {
+            batch,
+            heads,
+            kv_heads,
+            queries,
+            keys,
+            head_dim,
+        };
+        let fits = |size: usize, full: usize| size == full || size == 1;
+        let groups = heads.checked_div(kv_heads)?;
+        let ok = k == v
+            && k[0] == batch
+            && k[3] == head_dim
+            && heads % kv_heads == 0
+            && q.iter().chain(k).all(|&n| n > 0)
+            && [batch, kv_heads, groups, queries, keys]
+                .iter()
+                .zip(blocked)
+                .all(|(&full, &size)| fits(size, full));
+        ok.then_some(dims)
+    }
+
+    fn groups(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// One task per (sequence, key/value head).
+    fn tasks(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+
+    /// Scores of one head: `[queries, keys]`.
+    fn head_scores(&self) -> usize {
+        self.queries * self.keys
+    }
+}
+
+/// What the forward pass computes from and the backward pass needs.
+#[derive(Debug, Clone)]
+struct AttentionState {
+    dims: Dims,
+    scale: f32,
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    blocked: FlexTensor,
+    /// `[batch, heads, queries, keys]`, contiguous.
+    probs: Arc<Vec<f32>>,
+}
+
+impl Strided<'_, u8> {
+    /// Whether key `j` is blocked for query `i` of group `g` of key/value head `kv` of
+    /// sequence `b`.
+    fn blocked(&self, [b, kv, g, i, j]: [usize; 5]) -> bool {
+        self.data[self.position(&[b, kv, g, i, j]) as usize] != 0
+    }
+}
+
+/// `values: [batch, seq, heads, head_dim]` as the `[batch, heads, seq, head_dim]` tensor it
+/// holds.
+fn heads_view(values: Vec<f32>, [batch, seq, heads, head_dim]: [usize; 4]) -> FlexTensor {
+    super::flex_f32(values, Shape::new([batch, seq, heads, head_dim])).transpose(1, 2)
+}
+
+impl AttentionState {
+    fn blocked(&self) -> Strided<'_, u8> {
+        Strided::with(self.blocked.storage::<u8>(), &self.blocked)
+    }
+
+    /// The output (`[batch, heads, queries, head_dim]`, stored by query) and the
+    /// probabilities.
+    fn forward(&self) -> (FlexTensor, Vec<f32>) {
+        let d = self.dims;
+        let (q, k, v, blocked) = (
+            Strided::of(&self.q),
+            Strided::of(&self.k),
+            Strided::of(&self.v),
+            self.blocked(),
+        );
+        let out_dims = [d.batch, d.queries, d.heads, d.head_dim];
+        let mut out = output_buffer(out_dims.iter().product());
+        let mut probs = output_buffer(d.batch * d.heads * d.head_scores());
+        let (out_buffer, probs_buffer) = (Shared::of(&mut out), Shared::of(&mut probs));
+        (0..d.tasks()).into_par_iter().for_each(|task| {
+            let (b, kv) = (task / d.kv_heads, task % d.kv_heads);
+            let (keys, values) = (k.matrix(&[b, kv]), v.matrix(&[b, kv]));
+            for g in 0..d.groups() {
+                let head = kv * d.groups() + g;
+                let scores_start = (b * d.heads + head) * d.head_scores();
+                let scores = Matrix::rows_of(probs_buffer.ptr(), scores_start, d.keys);
+                // Safety: the matrices lie in their tensors' storage; this task alone
+                // writes this head's scores and output rows.
+                unsafe {
+                    product(
+                        [d.queries, d.keys, d.head_dim],
+                        scores,
+                        q.matrix(&[b, head]),
+                        keys.transposed(),
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    let rows = std::slice::from_raw_parts_mut(scores.start, d.head_scores());
+                    for (i, row) in rows.chunks_mut(d.keys).enumerate() {
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x = match blocked.blocked([b, kv, g, i, j]) {
+                                true => f32::MIN,
+                                false => *x * self.scale,
+                            };
+                        }
+                        softmax_row(row);
+                    }
+                    product(
+                        [d.queries, d.head_dim, d.keys],
+                        Matrix::head_of(out_buffer.ptr(), out_dims, b, head),
+                        scores,
+                        values,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+        (heads_view(out, out_dims), probs)
+    }
+
+    /// The gradients of `q`, `k` and `v` from the output's, `grad`.
+    fn backward(&self, grad: &FlexTensor) -> [FlexTensor; 3] {
+        let d = self.dims;
+        let (q, k, v, dout, blocked) = (
+            Strided::of(&self.q),
+            Strided::of(&self.k),
+            Strided::of(&self.v),
+            Strided::of(grad),
+            self.blocked(),
+        );
+        let q_dims = [d.batch, d.queries, d.heads, d.head_dim];
+        let kv_dims = [d.batch, d.keys, d.kv_heads, d.head_dim];
+        let mut dq = output_buffer(q_dims.iter().product());
+        let mut dk = output_buffer(kv_dims.iter().product());
+        let mut dv = output_buffer(kv_dims.iter().product());
+        let (dq_buffer, dk_buffer, dv_buffer) = (
+            Shared::of(&mut dq),
+            Shared::of(&mut dk),
+            Shared::of(&mut dv),
+        );
+        (0..d.tasks()).into_par_iter().for_each(|task| {
+            let (b, kv) = (task / d.kv_heads, task % d.kv_heads);
+            let (keys, values) = (k.matrix(&[b, kv]), v.matrix(&[b, kv]));
+            let (dkeys, dvalues) = (
+                Matrix::head_of(dk_buffer.ptr(), kv_dims, b, kv),
+                Matrix::head_of(dv_buffer.ptr(), kv_dims, b, kv),
+            );
+            let mut dprobs = vec![0.0f32; d.head_scores()];
+            let mut dscores = vec![0.0f32; d.head_scores()];
+            for g in 0..d.groups() {
+                let head = kv * d.groups() + g;
+                let start = (b * d.heads + head) * d.head_scores();
+                let probs = &self.probs[start..start + d.head_scores()];
+                // Only read through this pointer.
+                let probs_matrix = Matrix::rows_of(probs.as_ptr().cast_mut(), 0, d.keys);
+                let dscores_matrix = Matrix::rows_of(dscores.as_mut_ptr(), 0, d.keys);
+                let upstream = dout.matrix(&[b, head]);
+                let accumulate = g > 0;
+                // Safety: as in `forward`; the probabilities are only read.
+                unsafe {
+                    // dP = dO · vᵀ
+                    product(
+                        [d.queries, d.keys, d.head_dim],
+                        Matrix::rows_of(dprobs.as_mut_ptr(), 0, d.keys),
+                        upstream,
+                        values.transposed(),
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    // dS = softmax backward of dP, zero where blocked, times the scale.
+                    for (i, ((ds, p), dp)) in dscores
+                        .chunks_mut(d.keys)
+                        .zip(probs.chunks(d.keys))
+                        .zip(dprobs.chunks(d.keys))
+                        .enumerate()
+                    {
+                        softmax_backward_row(ds, p, dp);
+                        for (j, ds) in ds.iter_mut().enumerate() {
+                            *ds = match blocked.blocked([b, kv, g, i, j]) {
+                                true => 0.0,
+                                false => *ds * self.scale,
+                            };
+                        }
+                    }
+                    // dq = dS · k;  dk += dSᵀ · q;  dv += Pᵀ · dO
+                    product(
+                        [d.queries, d.head_dim, d.keys],
+                        Matrix::head_of(dq_buffer.ptr(), q_dims, b, head),
+                        dscores_matrix,
+                        keys,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    product(
+                        [d.keys, d.head_dim, d.queries],
+                        dkeys,
+                        dscores_matrix.transposed(),
+                        q.matrix(&[b, head]),
+                        accumulate,
+                        gemm::Parallelism::None,
+                    );
+                    product(
+                        [d.keys, d.head_dim, d.queries],
+                        dvalues,
+                        probs_matrix.transposed(),
+                        upstream,
+                        accumulate,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+        [
+            heads_view(dq, q_dims),
+            heads_view(dk, kv_dims),
+            heads_view(dv, kv_dims),
+        ]
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Cpu, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Cpu>(&ops.node);
+        let gradients = ops.state.backward(&grad);
+        for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
+            if let Some(parent) = parent {
+                grads.register::<Cpu>(parent.id, gradient);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::softmax;
+
+    type AB = CpuAutodiff;
+    const BATCH: usize = 2;
+    const HEADS: usize = 6;
+    const KV_HEADS: usize = 2;
+    const QUERIES: usize = 7;
+    const KEYS: usize = 11;
+    const HEAD_DIM: usize = 8;
+
+    /// `[batch, seq, heads, head_dim]` values seen as `[batch, heads, seq, head_dim]`, as the
+    /// model's projections hand them over (strided). Spread over [-2, 2) by a fixed formula:
+    /// the backend's seeded generator is shared by tests running at once.
+    fn heads(seq: usize, heads: usize, seed: usize) -> Tensor<Cpu, 4> {
+        let shape = [BATCH, seq, heads, HEAD_DIM];
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|i: usize| ((i * 7919 + seed * 104_729) % 1009) as f32 / 252.25 - 2.0)
+            .collect();
+        Tensor::<Cpu, 4>::from_data(TensorData::new(values, shape), &Default::default())
+            .swap_dims(1, 2)
+    }
+
+    /// Queries may see keys up to 4 past their own position, sequence 1 not its first two
+    /// keys, and sequence 0's last query nothing at all (a padding row).
+    fn blocked() -> Tensor<AB, 5, Bool> {
+        let mut values = vec![false; BATCH * QUERIES * KEYS];
+        for b in 0..BATCH {
+            for i in 0..QUERIES {
+                for j in 0..KEYS {
+                    let padding_row = b == 0 && i == QUERIES - 1;
+                    values[(b * QUERIES + i) * KEYS + j] =
+                        j > i + 4 || (b == 1 && j < 2) || padding_row;
+                }
+            }
+        }
+        let data = TensorData::new(values, [BATCH, 1, 1, QUERIES, KEYS]);
+        Tensor::from_data(data, &Default::default())
+    }
+
+    /// The composed form: heads repeated per group, product, scale, mask, softmax, product.
+    fn composed(q: Tensor<AB, 4>, k: Tensor<AB, 4>, v: Tensor<AB, 4>) -> Tensor<AB, 4> {
+        let groups = HEADS / KV_HEADS;
+        let repeat = |x: Tensor<AB, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([BATCH, KV_HEADS, groups, KEYS, HEAD_DIM])
+                .reshape([BATCH, HEADS, KEYS, HEAD_DIM])
+        };
+        let blocked = blocked()
+            .expand([BATCH, KV_HEADS, groups, QUERIES, KEYS])
+            .reshape([BATCH, HEADS, QUERIES, KEYS]);
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * (HEAD_DIM as f64).powf(-0.5);
+        softmax(scores.mask_fill(blocked, f32::MIN), 3).matmul(repeat(v))
+    }
+
+    /// Queries, keys, values and the gradient of the output.
+    fn inputs() -> [Tensor<Cpu, 4>; 4] {
+        [
+            heads(QUERIES, HEADS, 1),
+            heads(KEYS, KV_HEADS, 2),
+            heads(KEYS, KV_HEADS, 3),
+            heads(QUERIES, HEADS, 4),
+        ]
+    }
+
+    /// The output and the gradients of q, k and v against the given upstream gradient.
+    fn run(fused: bool, [q, k, v, upstream]: [Tensor<Cpu, 4>; 4]) -> [Tensor<Cpu, 4>; 4] {
+        let [q, k, v] = [q, k, v].map(|x| Tensor::<AB, 4>::from_inner(x).require_grad());
+        let scale = (HEAD_DIM as f64).powf(-0.5);
+        let out = match fused {
+            true => attention(q.clone(), k.clone(), v.clone(), &blocked(), scale)
+                .unwrap_or_else(|_| panic!("the CPU autodiff path")),
+            false => composed(q.clone(), k.clone(), v.clone()),
+        };
+        let grads = (out.clone() * Tensor::from_inner(upstream))
+            .sum()
+            .backward();
+        let grad = |x: &Tensor<AB, 4>| x.grad(&grads).expect("takes a gradient");
+        [out.inner(), grad(&q), grad(&k), grad(&v)]
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composed_form_forward_and_backward() {
+        let (fused, composed) = (run(true, inputs()), run(false, inputs()));
+        for (name, (a, b)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.into_iter().zip(composed))
+        {
+            assert_eq!(a.dims(), b.dims(), "{name}");
+            let size: f32 = b.clone().abs().max().into_scalar();
+            let difference: f32 = (a - b).abs().max().into_scalar();
+            assert!(size > 0.1, "{name}: a test that means something");
+            assert!(
+                difference < 1e-5 * size,
+                "{name} differs by {difference} (size {size})"
+            );
+        }
+    }
+
+    #[test]
+    fn fused_attention_gives_the_same_bits_on_any_number_of_threads() {
+        let inputs = inputs();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| run(true, inputs.clone()))
+                .map(|t| t.into_data())
+        };
+        assert_eq!(on(1), on(3));
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_take_the_composed_path() {
+        let q = Tensor::<AB, 4>::from_inner(heads(QUERIES, HEADS, 1));
+        let k = Tensor::<AB, 4>::from_inner(heads(KEYS, KV_HEADS, 2));
+        let short_v = Tensor::<AB, 4>::from_inner(heads(KEYS - 1, KV_HEADS, 3));
+        assert!(attention(q.clone(), k.clone(), short_v, &blocked(), 1.0).is_err());
+        let four_kv_heads = Tensor::<AB, 4>::from_inner(heads(KEYS, 4, 2));
+        assert!(attention(q, four_kv_heads.clone(), four_kv_heads, &blocked(), 1.0).is_err());
+    }
+}
