@@ -1,5 +1,7 @@
 //! Fused operations for training on the CPU backend, each with its own backward pass:
-//! attention's scale, mask and softmax (and the plain softmax over the last axis), the
+//! attention's core (`attention`: products, scale, mask and softmax over heads read in place),
+//! the linear layers' product (`linear`), attention's scale, mask and softmax alone (where a
+//! bias or the probabilities are wanted) and the plain softmax over the last axis, the
 //! next-token cross-entropy, the RMS norm, SwiGLU's `silu(gate) * up` and the rotary position
 //! embedding (also without autodiff). (AdamW's one-pass update is in `optim`.)
 //!
