@@ -103,6 +103,29 @@ fn cpu_node<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> CpuNode {
         .tensor()
 }
 
+/// Values spread over [-2, 2) by a fixed formula, for tests (the backend's seeded generator
+/// is shared by tests running at once).
+#[cfg(test)]
+fn spread_values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 252.25 - 2.0)
+        .collect()
+}
+
+/// For tests: `a` within `relative` times `b`'s largest magnitude of `b`, which must be
+/// sizeable for the comparison to mean something.
+#[cfg(test)]
+fn assert_close<const D: usize>(name: &str, a: Tensor<Cpu, D>, b: Tensor<Cpu, D>, relative: f32) {
+    assert_eq!(a.dims(), b.dims(), "{name}");
+    let size: f32 = b.clone().abs().max().into_scalar();
+    let difference: f32 = (a - b).abs().max().into_scalar();
+    assert!(size > 0.1, "{name}: a test that means something");
+    assert!(
+        difference <= relative * size,
+        "{name} differs by {difference} (largest value {size})"
+    );
+}
+
 // ---- softmax over the last axis -------------------------------------------------------------
 
 /// `softmax(x)` over the last axis; fused on the CPU backend under autodiff.

@@ -334,6 +334,7 @@ impl Backward<Cpu, 3> for AttentionBackward {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{assert_close, spread_values};
     use super::*;
     use burn::tensor::activation::softmax;
 
@@ -346,13 +347,10 @@ mod tests {
     const HEAD_DIM: usize = 8;
 
     /// `[batch, seq, heads, head_dim]` values seen as `[batch, heads, seq, head_dim]`, as the
-    /// model's projections hand them over (strided). Spread over [-2, 2) by a fixed formula:
-    /// the backend's seeded generator is shared by tests running at once.
+    /// model's projections hand them over (strided).
     fn heads(seq: usize, heads: usize, seed: usize) -> Tensor<Cpu, 4> {
         let shape = [BATCH, seq, heads, HEAD_DIM];
-        let values: Vec<f32> = (0..shape.iter().product())
-            .map(|i: usize| ((i * 7919 + seed * 104_729) % 1009) as f32 / 252.25 - 2.0)
-            .collect();
+        let values = spread_values(shape.iter().product(), seed);
         Tensor::<Cpu, 4>::from_data(TensorData::new(values, shape), &Default::default())
             .swap_dims(1, 2)
     }
@@ -422,14 +420,7 @@ mod tests {
             .iter()
             .zip(fused.into_iter().zip(composed))
         {
-            assert_eq!(a.dims(), b.dims(), "{name}");
-            let size: f32 = b.clone().abs().max().into_scalar();
-            let difference: f32 = (a - b).abs().max().into_scalar();
-            assert!(size > 0.1, "{name}: a test that means something");
-            assert!(
-                difference < 1e-5 * size,
-                "{name} differs by {difference} (size {size})"
-            );
+            assert_close(name, a, b, 1e-5);
         }
     }
 

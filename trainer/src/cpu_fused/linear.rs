@@ -97,17 +97,14 @@ impl Backward<Cpu, 2> for LinearBackward {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{assert_close, spread_values};
     use super::*;
     use crate::backend::CpuAutodiff;
 
     type AB = CpuAutodiff;
 
-    /// `[rows, columns]` values spread over [-2, 2) by a fixed formula (the backend's seeded
-    /// generator is shared by tests running at once).
     fn values(rows: usize, columns: usize, seed: usize) -> Tensor<Cpu, 2> {
-        let values: Vec<f32> = (0..rows * columns)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 252.25 - 2.0)
-            .collect();
+        let values = spread_values(rows * columns, seed);
         Tensor::from_data(
             TensorData::new(values, [rows, columns]),
             &Default::default(),
@@ -138,14 +135,7 @@ mod tests {
                 .iter()
                 .zip(fused.into_iter().zip(composed))
             {
-                assert_eq!(a.dims(), b.dims(), "{name} {dims:?}");
-                let size: f32 = b.clone().abs().max().into_scalar();
-                let difference: f32 = (a - b).abs().max().into_scalar();
-                assert!(size > 0.1, "{name}: a test that means something");
-                assert!(
-                    difference <= 1e-5 * size,
-                    "{name} {dims:?} differs by {difference}"
-                );
+                assert_close(&format!("{name} {dims:?}"), a, b, 1e-5);
             }
         }
     }
