@@ -141,10 +141,11 @@ struct AttentionState {
 }
 
 impl Strided<'_, u8> {
-    /// Whether key `j` is blocked for query `i` of group `g` of key/value head `kv` of
-    /// sequence `b`.
-    fn blocked(&self, [b, kv, g, i, j]: [usize; 5]) -> bool {
-        self.data[self.position(&[b, kv, g, i, j]) as usize] != 0
+    /// Whether each key is blocked for query `i` of group `g` of key/value head `kv` of
+    /// sequence `b` (the row's start found once, not per key).
+    fn blocked_row(&self, [b, kv, g, i]: [usize; 4]) -> impl Fn(usize) -> bool + '_ {
+        let (start, stride) = (self.position(&[b, kv, g, i]), self.last_stride());
+        move |j| self.data[(start + j as isize * stride) as usize] != 0
     }
 }
 
@@ -193,8 +194,9 @@ impl AttentionState {
                     );
                     let rows = std::slice::from_raw_parts_mut(scores.start, d.head_scores());
                     for (i, row) in rows.chunks_mut(d.keys).enumerate() {
+                        let is_blocked = blocked.blocked_row([b, kv, g, i]);
                         for (j, x) in row.iter_mut().enumerate() {
-                            *x = match blocked.blocked([b, kv, g, i, j]) {
+                            *x = match is_blocked(j) {
                                 true => f32::MIN,
                                 false => *x * self.scale,
                             };
@@ -272,8 +274,9 @@ impl AttentionState {
                         .enumerate()
                     {
                         softmax_backward_row(ds, p, dp);
+                        let is_blocked = blocked.blocked_row([b, kv, g, i]);
                         for (j, ds) in ds.iter_mut().enumerate() {
-                            *ds = match blocked.blocked([b, kv, g, i, j]) {
+                            *ds = match is_blocked(j) {
                                 true => 0.0,
                                 false => *ds * self.scale,
                             };

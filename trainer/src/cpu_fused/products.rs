@@ -44,6 +44,11 @@ impl<'a, T> Strided<'a, T> {
                 .sum::<isize>()
     }
 
+    /// The stride of the last axis (0 where it is broadcast).
+    pub(super) fn last_stride(&self) -> isize {
+        self.strides[self.strides.len() - 1]
+    }
+
     /// The matrix over the last two axes at index `leading` of the others: its first element
     /// and the strides of its rows and columns.
     pub(super) fn matrix(&self, leading: &[usize]) -> Matrix<T> {
