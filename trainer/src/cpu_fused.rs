@@ -112,7 +112,7 @@ fn spread_values(len: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-/// For tests: `a` within `relative` times `b`'s largest magnitude of `b`, which must be
+/// For tests: `a` within `relative` times `b`'s largest magnitude, which must be
 /// sizeable for the comparison to mean something.
 #[cfg(test)]
 fn assert_close<const D: usize>(name: &str, a: Tensor<Cpu, D>, b: Tensor<Cpu, D>, relative: f32) {
