@@ -493,6 +493,36 @@ fn onpolicy_sft_on_two_peers_agrees_and_resumes_exactly() {
         "nothing was trained on"
     );
 
+    // The peers split the evaluations' prompts (5: two and three) and put the results back
+    // together: the base model's greedy evaluation is the same as on one peer.
+    let base_evaluation = |name: &str, devices: &str| {
+        let run = scratch_dir(name);
+        let set = [
+            "--set",
+            "task.train_count=19",
+            "--set",
+            "task.eval_count=5",
+            "--set",
+            "train.steps=1",
+        ];
+        run_to_end(onpolicy_command(
+            &run,
+            &[&["--devices", devices], &set[..]].concat(),
+        ));
+        trainer::metrics::read_metrics(&run.join("metrics.jsonl")).unwrap()[0].clone()
+    };
+    let one = base_evaluation("dp-onpolicy-eval-one", "cpu");
+    let two = base_evaluation("dp-onpolicy-eval-two", "cpu,cpu");
+    for key in [
+        "eval_greedy_accuracy",
+        "eval_mean_length",
+        "eval_p90_length",
+        "eval_truncated_share",
+    ] {
+        assert!(one[key].is_number(), "{key} missing: {one}");
+        assert_eq!(one[key], two[key], "{key}");
+    }
+
     // Prompts that cannot be split evenly are refused with the key named.
     let output = onpolicy_command(
         &scratch_dir("dp-onpolicy-odd"),

@@ -217,6 +217,23 @@ pub fn resume_sampler(
     })
 }
 
+/// The sampler over the `rows` of an SFT-style loop, resumed from `saved`'s `sampler`; with
+/// `train.group_by_length`, each micro-batch (of all peers) draws rows of similar length.
+pub fn row_sampler<B: AutodiffBackend>(
+    saved: &Option<serde_json::Value>,
+    rows: &[TokenRow],
+    trainer: &Trainer<B>,
+    seed: u64,
+) -> Result<datasets::EpochSampler> {
+    let sampler = resume_sampler(saved, "sampler", rows.len(), seed)?;
+    Ok(if trainer.config.group_by_length {
+        let lengths = rows.iter().map(TokenRow::len).collect();
+        sampler.grouped_by_length(lengths, trainer.config.batch_size * trainer.peer.world())
+    } else {
+        sampler
+    })
+}
+
 /// Saves a run's result table as `RUN/summary.md` and its numbers as `RUN/summary.json`.
 pub fn write_summary(run_dir: &Path, table: &str, numbers: &serde_json::Value) -> Result<()> {
     checkpoints::atomic::write_file(&run_dir.join("summary.md"), table.as_bytes())?;

@@ -7,6 +7,7 @@ use burn::prelude::*;
 use datasets::TextTokenizer;
 use serde::Serialize;
 use std::time::Instant;
+use trainer::distributed::current_peer;
 use trainer::generate::{generate, GenerationConfig};
 use trainer::progress::Progress;
 use trainer::CausalLm;
@@ -32,7 +33,11 @@ pub fn sample_and_score<B: Backend>(
 ) -> Result<Sampled> {
     let start = Instant::now();
     let chunks = prompts.len().div_ceil(batch_size.max(1)) as u64;
-    let progress = progress_label.map(|label| Progress::new(label, chunks, 0, 1));
+    // Data-parallel peers evaluating side by side: the leader's bar stands for all.
+    let progress = progress_label.map(|label| match current_peer().is_leader() {
+        true => Progress::new(label, chunks, 0, 1),
+        false => Progress::silent(label, chunks),
+    });
     let mut out = Sampled {
         tokens: vec![],
         scores: vec![],

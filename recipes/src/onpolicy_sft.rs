@@ -20,7 +20,6 @@ use crate::sft::DataReport;
 use crate::stages::{train_stage, SftStage, StageContext};
 use crate::verify::{Verifier, VerifierConfig};
 use anyhow::{bail, Context, Result};
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use datasets::examples::{prompt_and_response, prompt_tokens};
 use datasets::synthetic::{plain_prompt, task_pairs, task_problem, Style, Task};
@@ -34,6 +33,7 @@ use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use trainer::config::{ensure_count, ensure_non_negative, ensure_probability, Validate};
 use trainer::generate::GenerationConfig;
+use trainer::leader_println;
 use trainer::lora::LoraConfig;
 use trainer::sampling::SamplingParams;
 use trainer::train::{Next, Resume, TrainConfig, Trainer};
@@ -357,7 +357,8 @@ struct BaseEvalCache {
 
 impl BaseEvalCache {
     /// The file lives in the warm-up's stage folder, so it goes wherever that folder is copied.
-    fn beside_warmup(export: &Path, config: &OnPolicyConfig) -> Self {
+    /// `peers`: the data-parallel peers that split the evaluation (each samples its own stream).
+    fn beside_warmup(export: &Path, config: &OnPolicyConfig, peers: usize) -> Self {
         let stage_dir = export.parent().unwrap_or(export);
         Self {
             path: stage_dir.join("base_eval.json"),
@@ -367,6 +368,9 @@ impl BaseEvalCache {
                 "task": config.task,
                 "verifier": config.verifier,
                 "eval": config.eval,
+                "temperature": config.sampling.temperature,
+                "top_p": config.sampling.top_p,
+                "peers": peers,
             }),
         }
     }
@@ -429,24 +433,33 @@ pub fn response_row(prompt: &[u32], response: &[u32]) -> TokenRow {
 }
 
 /// Greedy and sampled accuracy, response lengths (greedy) and the share cut by the budget.
-fn evaluate<B: Backend>(
-    model: &CausalLm<B>,
+/// Evaluates `model` on `items`: greedy and `eval.samples_per_prompt` sampled responses per
+/// prompt. With data-parallel peers each generates for its contiguous share of the prompts
+/// (on a CPU: one core each) and the per-prompt results are summed over peers, so that every
+/// peer ends with the whole result.
+fn evaluate<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
     tokenizer: &TextTokenizer,
     verifier: &dyn Verifier,
     items: &[TaskItem],
     config: &OnPolicyConfig,
     stop_tokens: &[u32],
 ) -> Result<EvalResult> {
+    let model = trainer.eval_model();
+    let (rank, world) = (trainer.peer.rank(), trainer.peer.world());
+    let mine = items.len() * rank / world..items.len() * (rank + 1) / world;
     let run = |sampling: SamplingParams, prompts: &[&TaskItem], label: &str| {
         let generation = GenerationConfig {
             max_new_tokens: config.eval.max_new_tokens,
             sampling,
-            seed: config.run.seed ^ 0xE7A1,
+            // Peers draw from their own streams (the same as before for the first peer).
+            seed: (config.run.seed ^ 0xE7A1)
+                .wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             stop_tokens: stop_tokens.to_vec(),
             pad_id: tokenizer.pad_id(),
         };
         sample_and_score(
-            model,
+            &model,
             tokenizer,
             verifier,
             prompts,
@@ -455,35 +468,56 @@ fn evaluate<B: Backend>(
             Some(label),
         )
     };
-    let prompts: Vec<&TaskItem> = items.iter().collect();
+    let prompts: Vec<&TaskItem> = items[mine.clone()].iter().collect();
     let greedy = run(SamplingParams::greedy(), &prompts, "eval greedy")?;
     // k samples of each prompt, the prompt's k copies side by side.
     let k = config.eval.samples_per_prompt.max(1);
-    let repeated: Vec<&TaskItem> = items
+    let repeated: Vec<&TaskItem> = prompts
         .iter()
-        .flat_map(|item| std::iter::repeat_n(item, k))
+        .flat_map(|&item| std::iter::repeat_n(item, k))
         .collect();
     let sampling = SamplingParams {
         temperature: config.sampling.temperature,
         top_p: config.sampling.top_p,
     };
     let sampled = run(sampling, &repeated, "eval sampled")?;
-    let lengths: Vec<usize> = greedy.tokens.iter().map(Vec::len).collect();
-    let sampled_lengths: Vec<usize> = sampled.tokens.iter().map(Vec::len).collect();
-    let correct: f64 = greedy.scores.iter().map(|&s| s as f64).sum();
+
+    // All peers' results in prompt order: each fills its own share of five columns, zeros
+    // elsewhere, and the sum over peers puts them together (small integers: exact in f32).
+    let n = items.len();
+    let mut columns = vec![0.0; 3 * n + 2 * n * k];
+    for (i, prompt) in mine.clone().enumerate() {
+        columns[prompt] = greedy.scores[i] as f64;
+        columns[n + prompt] = greedy.tokens[i].len() as f64;
+        columns[2 * n + prompt] = greedy.finished[i] as u8 as f64;
+        for j in 0..k {
+            let sample = prompt * k + j;
+            columns[3 * n + sample] = sampled.scores[i * k + j] as f64;
+            columns[3 * n + n * k + sample] = sampled.tokens[i * k + j].len() as f64;
+        }
+    }
+    let columns = trainer.sum_over_peers(&columns)?;
+    let greedy_scores = &columns[..n];
+    let lengths: Vec<usize> = columns[n..2 * n].iter().map(|&l| l as usize).collect();
+    let finished = &columns[2 * n..3 * n];
+    let sampled_scores = &columns[3 * n..3 * n + n * k];
+    let sampled_lengths: Vec<usize> = columns[3 * n + n * k..]
+        .iter()
+        .map(|&l| l as usize)
+        .collect();
+    let correct: f64 = greedy_scores.iter().sum();
     // Each prompt's (sum of its k scores, k): the bootstrap resamples prompts.
-    let per_prompt: Vec<(f64, usize)> = sampled
-        .scores
+    let per_prompt: Vec<(f64, usize)> = sampled_scores
         .chunks(k)
-        .map(|scores| (scores.iter().map(|&s| s as f64).sum(), scores.len()))
+        .map(|scores| (scores.iter().sum(), scores.len()))
         .collect();
     Ok(EvalResult {
-        greedy_accuracy: correct / items.len().max(1) as f64,
-        sampled_accuracy: mean(sampled.scores.iter().map(|&s| s as f64)),
+        greedy_accuracy: correct / n.max(1) as f64,
+        sampled_accuracy: mean(sampled_scores.iter().copied()),
         mean_length: mean(lengths.iter().map(|&l| l as f64)),
         p90_length: percentile(&lengths, 0.9),
-        truncated_share: mean(greedy.finished.iter().map(|&f| (!f) as u8 as f64)),
-        greedy_accuracy_95: wilson_interval(correct, items.len()),
+        truncated_share: mean(finished.iter().map(|&f| 1.0 - f)),
+        greedy_accuracy_95: wilson_interval(correct, n),
         sampled_accuracy_95: bootstrap_mean_interval(&per_prompt, 1000, config.run.seed),
         sampled_mean_length: mean(sampled_lengths.iter().map(|&l| l as f64)),
         sampled_p90_length: percentile(&sampled_lengths, 0.9),
@@ -635,7 +669,7 @@ pub fn run<B: AutodiffBackend>(
     };
     let evaluate_on = |trainer: &Trainer<B>, items: &[TaskItem]| {
         evaluate(
-            &trainer.eval_model(),
+            trainer,
             &tokenizer,
             verifier.as_ref(),
             items,
@@ -671,20 +705,17 @@ pub fn run<B: AutodiffBackend>(
             ),
             serde_json::from_value::<EvalResult>(state["base"].clone())?,
         ),
-        // Data-parallel peers leave evaluation to the leader (the others wait for it at the
-        // next step's all-reduce).
-        None if !trainer.peer.is_leader() => (
-            EpochSampler::new(train_items.len(), seed),
-            EvalResult::default(),
-        ),
+        // Every data-parallel peer takes part in the evaluations (each its share of the
+        // prompts); the leader says and writes what they found.
         None => {
+            let leader = trainer.peer.is_leader();
             let cache = base_folder
                 .as_deref()
                 .filter(|_| config.warmup.is_some())
-                .map(|export| BaseEvalCache::beside_warmup(export, &config));
+                .map(|export| BaseEvalCache::beside_warmup(export, &config, trainer.peer.world()));
             let (base, scalars) = match cache.as_ref().and_then(BaseEvalCache::read) {
                 Some(cached) => {
-                    println!(
+                    leader_println!(
                         "the base model's evaluation: from {} (same warm-up, same settings)",
                         cache
                             .as_ref()
@@ -693,7 +724,7 @@ pub fn run<B: AutodiffBackend>(
                     cached
                 }
                 None => {
-                    println!(
+                    leader_println!(
                         "evaluating the base model on {} held-out prompts",
                         eval_items.len()
                     );
@@ -703,15 +734,18 @@ pub fn run<B: AutodiffBackend>(
                     if !dev_items.is_empty() {
                         scalars.extend(eval_scalars("dev_", &evaluate_on(&trainer, &dev_items)?));
                     }
-                    if let Some(cache) = &cache {
+                    if let Some(cache) = cache.as_ref().filter(|_| leader) {
                         cache.write(&base, &scalars)?;
                     }
                     (base, scalars)
                 }
             };
-            let refs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            trainer.metrics.log(0, &refs)?;
-            println!("base: {base:?}");
+            if leader {
+                let refs: Vec<(&str, f64)> =
+                    scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                trainer.metrics.log(0, &refs)?;
+                println!("base: {base:?}");
+            }
             (EpochSampler::new(train_items.len(), seed), base)
         }
     };
@@ -757,7 +791,7 @@ pub fn run<B: AutodiffBackend>(
             }
         }
         let eval_numbers;
-        if trainer.should_evaluate() && peer.is_leader() {
+        if trainer.should_evaluate() {
             let result = evaluate_on(&trainer, periodic_items)?;
             let prefix = if dev_items.is_empty() {
                 "eval_"
@@ -775,8 +809,9 @@ pub fn run<B: AutodiffBackend>(
     }
 
     trainer.finish();
+    let trained = evaluate_now(&trainer)?;
     if peer.is_leader() {
-        write_summary(&base, &evaluate_now(&trainer)?, eval_items.len(), &config)?;
+        write_summary(&base, &trained, eval_items.len(), &config)?;
     }
     trainer.export_latest(&config.run.dir.join("final"))
 }
@@ -1005,7 +1040,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("base-eval-cache-{}", std::process::id()));
         let export = dir.join("warmup/final");
         std::fs::create_dir_all(&export).unwrap();
-        let cache = BaseEvalCache::beside_warmup(&export, &config);
+        let cache = BaseEvalCache::beside_warmup(&export, &config, 2);
         assert_eq!(cache.path, dir.join("warmup/base_eval.json"));
         assert!(cache.read().is_none(), "nothing written yet");
 
@@ -1017,16 +1052,22 @@ mod tests {
         let scalars = vec![("dev_greedy_accuracy".to_string(), 0.5)];
         cache.write(&base, &scalars).unwrap();
         assert_eq!(cache.read(), Some((base, scalars)));
-        // Another evaluation budget, another seed: evaluated again.
+        // Another evaluation budget, sampling temperature, peer count or seed: evaluated again.
+        let stale = |config: &OnPolicyConfig, peers: usize| {
+            BaseEvalCache::beside_warmup(&export, config, peers)
+                .read()
+                .is_none()
+        };
+        assert!(!stale(&config, 2));
+        assert!(stale(&config, 1));
         config.eval.max_new_tokens += 1;
-        assert!(BaseEvalCache::beside_warmup(&export, &config)
-            .read()
-            .is_none());
+        assert!(stale(&config, 2));
         config.eval.max_new_tokens -= 1;
+        config.sampling.temperature = 0.7;
+        assert!(stale(&config, 2));
+        config.sampling.temperature = 1.0;
         config.run.seed += 1;
-        assert!(BaseEvalCache::beside_warmup(&export, &config)
-            .read()
-            .is_none());
+        assert!(stale(&config, 2));
         // A corrupt file is not an error: evaluated again.
         std::fs::write(&cache.path, "{ not json").unwrap();
         assert!(cache.read().is_none());

@@ -1,7 +1,7 @@
 //! Supervised fine-tuning: next-token loss on response tokens of prompt/response or chat
 //! records. On-policy SFT and the LoRA stage of SkipGPT reuse its pieces.
 
-use crate::common::{batches_in_order, prepare_run_dir, resume_sampler, ModelSection, RunSection};
+use crate::common::{batches_in_order, prepare_run_dir, row_sampler, ModelSection, RunSection};
 use anyhow::{bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use datasets::examples::{pack, tokenize_record};
@@ -200,7 +200,7 @@ pub fn run<B: AutodiffBackend>(
         resume,
     )?;
     trainer.base_model = config.model.base_folder();
-    let mut sampler = resume_sampler(&saved, "sampler", rows.len(), seed)?;
+    let mut sampler = row_sampler(&saved, &rows, &trainer, seed)?;
     leader_println!(
         "sft: {} training rows, {} held out, {} steps of {} x {} sequences x {} peer(s)",
         rows.len(),

@@ -2,7 +2,7 @@
 //! LoRA stages): each stage trains in its own folder under the run folder, resumes like any
 //! run, exports `STAGE/final`, and is reused once that export exists.
 
-use crate::common::{prepare_run_dir, resume_sampler};
+use crate::common::{prepare_run_dir, row_sampler};
 use crate::sft::train_on_rows;
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
@@ -72,7 +72,7 @@ pub fn train_stage<B: AutodiffBackend>(
         &stage.dir,
         &Resume::Auto,
     )?;
-    let mut sampler = resume_sampler(&saved, "sampler", stage.rows.len(), context.seed)?;
+    let mut sampler = row_sampler(&saved, stage.rows, &trainer, context.seed)?;
     let next = train_on_rows(
         &mut trainer,
         stage.rows,

@@ -67,6 +67,10 @@ pub struct TrainConfig {
     /// Micro-batches per update; the loss is the token mean over all of them.
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Draw each micro-batch's rows of similar length (as `transformers`' `group_by_length`),
+    /// so that little of it is padding; honoured by the recipes that sample rows of a data set.
+    #[serde(default)]
+    pub group_by_length: bool,
     pub lr: f64,
     #[serde(default)]
     pub min_lr: f64,

@@ -141,11 +141,23 @@ struct AttentionState {
 }
 
 impl Strided<'_, u8> {
-    /// Whether each key is blocked for query `i` of group `g` of key/value head `kv` of
-    /// sequence `b` (the row's start found once, not per key).
-    fn blocked_row(&self, [b, kv, g, i]: [usize; 4]) -> impl Fn(usize) -> bool + '_ {
+    /// The scores `row` of query `i` of group `g` of key/value head `kv` of sequence `b`:
+    /// `fill` where the key is blocked, `x · scale` elsewhere. A contiguous mask row (the
+    /// usual case) is read as a slice, in a loop without branches that the compiler
+    /// vectorises.
+    fn mask_row(&self, [b, kv, g, i]: [usize; 4], row: &mut [f32], scale: f32, fill: f32) {
         let (start, stride) = (self.position(&[b, kv, g, i]), self.last_stride());
-        move |j| self.data[(start + j as isize * stride) as usize] != 0
+        let pick = |x: &mut f32, blocked: u8| *x = if blocked != 0 { fill } else { *x * scale };
+        if stride == 1 {
+            let mask = &self.data[start as usize..start as usize + row.len()];
+            row.iter_mut()
+                .zip(mask)
+                .for_each(|(x, &blocked)| pick(x, blocked));
+        } else {
+            for (j, x) in row.iter_mut().enumerate() {
+                pick(x, self.data[(start + j as isize * stride) as usize]);
+            }
+        }
     }
 }
 
@@ -194,13 +206,7 @@ impl AttentionState {
                     );
                     let rows = std::slice::from_raw_parts_mut(scores.start, d.head_scores());
                     for (i, row) in rows.chunks_mut(d.keys).enumerate() {
-                        let is_blocked = blocked.blocked_row([b, kv, g, i]);
-                        for (j, x) in row.iter_mut().enumerate() {
-                            *x = match is_blocked(j) {
-                                true => f32::MIN,
-                                false => *x * self.scale,
-                            };
-                        }
+                        blocked.mask_row([b, kv, g, i], row, self.scale, f32::MIN);
                         softmax_row(row);
                     }
                     product(
@@ -274,13 +280,7 @@ impl AttentionState {
                         .enumerate()
                     {
                         softmax_backward_row(ds, p, dp);
-                        let is_blocked = blocked.blocked_row([b, kv, g, i]);
-                        for (j, ds) in ds.iter_mut().enumerate() {
-                            *ds = match is_blocked(j) {
-                                true => 0.0,
-                                false => *ds * self.scale,
-                            };
-                        }
+                        blocked.mask_row([b, kv, g, i], ds, self.scale, 0.0);
                     }
                     // dq = dS · k;  dk += dSᵀ · q;  dv += Pᵀ · dO
                     product(
