@@ -432,9 +432,8 @@ pub fn response_row(prompt: &[u32], response: &[u32]) -> TokenRow {
     }
 }
 
-/// Greedy and sampled accuracy, response lengths (greedy) and the share cut by the budget.
-/// Evaluates `model` on `items`: greedy and `eval.samples_per_prompt` sampled responses per
-/// prompt. With data-parallel peers each generates for its contiguous share of the prompts
+/// Greedy and sampled accuracy, response lengths and the share cut by the budget on `items`
+/// (`eval.samples_per_prompt` sampled responses per prompt). With data-parallel peers each generates for its contiguous share of the prompts
 /// (on a CPU: one core each) and the per-prompt results are summed over peers, so that every
 /// peer ends with the whole result.
 fn evaluate<B: AutodiffBackend>(
@@ -483,7 +482,8 @@ fn evaluate<B: AutodiffBackend>(
     let sampled = run(sampling, &repeated, "eval sampled")?;
 
     // All peers' results in prompt order: each fills its own share of five columns, zeros
-    // elsewhere, and the sum over peers puts them together (small integers: exact in f32).
+    // elsewhere, and the sum over peers puts them together (exact: one peer's entry is f32
+    // already, the others add zeros).
     let n = items.len();
     let mut columns = vec![0.0; 3 * n + 2 * n * k];
     for (i, prompt) in mine.clone().enumerate() {
