@@ -296,6 +296,7 @@ struct ExportArgs {
 }
 
 fn main() {
+    trainer::backend::keep_freed_memory();
     if let Err(error) = run(Cli::parse()) {
         eprintln!("error: {error:#}");
         std::process::exit(1);

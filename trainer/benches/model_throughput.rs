@@ -122,6 +122,7 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
 }
 
 fn main() -> anyhow::Result<()> {
+    trainer::backend::keep_freed_memory();
     let device = DeviceSpec::from_bench_args();
     let options = options();
     with_backend!(device, |B, dev| run::<B>(

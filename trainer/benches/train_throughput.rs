@@ -195,6 +195,7 @@ fn run_peer<B: AutodiffBackend>(device: B::Device, options: &Options) {
 }
 
 fn main() -> anyhow::Result<()> {
+    trainer::backend::keep_freed_memory();
     let options = options();
     let device = options.device;
     with_backend!(device, |B, dev| run::<burn::backend::Autodiff<B>>(
