@@ -259,6 +259,44 @@ impl TokenBatch {
         batch
     }
 
+    /// The same rows as [`from_rows`](Self::from_rows), split into batches of rows of similar
+    /// length, each padded only to its own longest row. Together they hold the same targets,
+    /// so a token-mean loss over them is the one batch's loss, with less padding to compute.
+    /// Where to split is chosen to minimise the padded tokens plus `batch_cost` tokens for
+    /// each batch (what a batch costs beyond its tokens: more, smaller operations).
+    pub fn split_by_length(rows: &[&TokenRow], pad_id: u32, batch_cost: usize) -> Vec<Self> {
+        if rows.is_empty() {
+            return vec![Self::from_rows(rows, pad_id)];
+        }
+        let mut sorted: Vec<&TokenRow> = rows.to_vec();
+        sorted.sort_by_key(|row| row.len()); // stable: equal lengths keep their order
+        let width = |row: &TokenRow| row.len().saturating_sub(1);
+        // cheapest[j]: the least cost of the first j rows; start[j]: where its last batch starts.
+        let mut cheapest = vec![0usize; sorted.len() + 1];
+        let mut start = vec![0usize; sorted.len() + 1];
+        for end in 1..=sorted.len() {
+            let last_width = width(sorted[end - 1]);
+            (cheapest[end], start[end]) = (0..end)
+                .map(|from| {
+                    (
+                        cheapest[from] + (end - from) * last_width + batch_cost,
+                        from,
+                    )
+                })
+                .min()
+                .expect("at least one split");
+        }
+        let mut bounds = vec![sorted.len()];
+        while let Some(&end) = bounds.last().filter(|&&end| end > 0) {
+            bounds.push(start[end]);
+        }
+        bounds.reverse();
+        bounds
+            .windows(2)
+            .map(|pair| Self::from_rows(&sorted[pair[0]..pair[1]], pad_id))
+            .collect()
+    }
+
     pub fn num_targets(&self) -> usize {
         self.target_mask.iter().flatten().filter(|&&m| m).count()
     }
@@ -293,6 +331,60 @@ mod tests {
         );
         assert_eq!(batch.segment, vec![vec![1, 1, 1], vec![1, 0, 0]]);
         assert_eq!(batch.num_targets(), 3);
+    }
+
+    #[test]
+    fn splitting_by_length_keeps_every_row_and_pads_less() {
+        let lengths = [9, 3, 12, 4, 10, 3, 11, 5];
+        let rows: Vec<TokenRow> = lengths
+            .iter()
+            .enumerate()
+            .map(|(r, &len)| {
+                row(
+                    &(0..len as u32)
+                        .map(|t| t + 100 * r as u32)
+                        .collect::<Vec<_>>(),
+                    1,
+                )
+            })
+            .collect();
+        let all: Vec<&TokenRow> = rows.iter().collect();
+        let whole = TokenBatch::from_rows(&all, 0);
+        let padded = |batches: &[TokenBatch]| -> usize {
+            batches.iter().map(|b| b.inputs.len() * b.width()).sum()
+        };
+        let split = TokenBatch::split_by_length(&all, 0, 4);
+        assert!(split.len() > 1, "{} batches", split.len());
+        assert!(padded(&split) < padded(std::slice::from_ref(&whole)));
+        // The same rows, each exactly as in the one batch but without its padding.
+        let unpadded = |batch: &TokenBatch| -> Vec<(Vec<u32>, Vec<u32>, Vec<bool>)> {
+            (0..batch.inputs.len())
+                .map(|r| {
+                    let n = batch.segment[r].iter().filter(|&&s| s != 0).count();
+                    let cut = |v: &Vec<u32>| v[..n].to_vec();
+                    (
+                        cut(&batch.inputs[r]),
+                        cut(&batch.targets[r]),
+                        batch.target_mask[r][..n].to_vec(),
+                    )
+                })
+                .collect()
+        };
+        let mut expected = unpadded(&whole);
+        let mut got: Vec<_> = split.iter().flat_map(unpadded).collect();
+        expected.sort();
+        got.sort();
+        assert_eq!(got, expected);
+        let targets: usize = split.iter().map(TokenBatch::num_targets).sum();
+        assert_eq!(targets, whole.num_targets());
+        // Each batch is padded to its own longest row, and the batches go shortest first.
+        let widths: Vec<usize> = split.iter().map(TokenBatch::width).collect();
+        assert!(widths.windows(2).all(|w| w[0] < w[1]), "{widths:?}");
+        // Free batches: one per distinct length; costly batches: just one.
+        assert_eq!(TokenBatch::split_by_length(&all, 0, 0).len(), 7);
+        let one = TokenBatch::split_by_length(&all, 0, 1000);
+        assert_eq!((one.len(), padded(&one)), (1, padded(&[whole])));
+        assert_eq!(TokenBatch::split_by_length(&[], 0, 4).len(), 1);
     }
 
     #[test]

@@ -784,7 +784,9 @@ pub fn run<B: AutodiffBackend>(
                     .collect();
                 let micro_batches: Vec<TokenBatch> = rows
                     .chunks(config.train.batch_size.max(1))
-                    .map(|chunk| TokenBatch::from_rows(&chunk.iter().collect::<Vec<_>>(), pad_id))
+                    .flat_map(|chunk| {
+                        trainer.token_batches(&chunk.iter().collect::<Vec<_>>(), pad_id)
+                    })
                     .collect();
                 let stats = trainer.train_step(&micro_batches)?;
                 scalars.extend(stats.scalars());

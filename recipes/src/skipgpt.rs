@@ -113,6 +113,17 @@ impl Validate for SkipGptConfig {
         router.train.validate("router.train")?;
         self.lora.adapter.validate("lora.adapter")?;
         self.lora.train.validate("lora.train")?;
+        for (key, train) in [
+            ("router.train", &router.train),
+            ("lora.train", &self.lora.train),
+        ] {
+            ensure(
+                !train.split_by_length,
+                &format!("{key}.split_by_length"),
+                true,
+                "false: the router loss is a mean per micro-batch, which splitting would reweight",
+            )?;
+        }
         ensure_count("eval_batch_size", self.eval_batch_size as u64)
     }
 }
@@ -1075,6 +1086,22 @@ fn report<B: AutodiffBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splitting_batches_by_length_is_refused_for_the_router_loss() {
+        let text = crate::builtin::config_text("skipgpt/tiny").unwrap();
+        let config = |set: &[&str]| {
+            let overrides: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            let table = trainer::config::parse_config(text, "skipgpt/tiny", &overrides).unwrap();
+            trainer::config::checked::<SkipGptConfig>(&table, "skipgpt/tiny")
+        };
+        assert!(config(&[]).is_ok());
+        for key in ["router.train", "lora.train"] {
+            let error = config(&[&format!("{key}.split_by_length=true")]).unwrap_err();
+            let error = format!("{error:#}");
+            assert!(error.contains(&format!("{key}.split_by_length")), "{error}");
+        }
+    }
 
     fn section(curriculum_every: u64) -> RouterSection {
         RouterSection {

@@ -8,6 +8,9 @@ use crate::run_dir::{self, Resume};
 use anyhow::{bail, Result};
 use std::path::Path;
 
+/// Backward passes recurse through the graph: peers get the main thread's room.
+const PEER_STACK: usize = 64 << 20;
+
 /// Where a run goes: its devices, its node among several, and its run folder.
 pub struct Launch<'a> {
     /// `--devices`, or the config's list (empty: the config's one device, `config_device`).
@@ -70,6 +73,17 @@ pub fn run_on_each_device(
     if !launch.is_data_parallel() {
         return work(0);
     }
+    // CPU peers split the machine's cores: each runs in a thread pool of its share, so that
+    // its parallel kernels never wait on (or wake) threads that the other peers keep busy.
+    let cpu_peers = specs
+        .iter()
+        .filter(|s| matches!(s, DeviceSpec::Cpu))
+        .count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores_per_peer = match cpu_peers {
+        0 => None,
+        n => Some((cores / n).max(1)),
+    };
     std::thread::scope(|scope| {
         let peers: Vec<_> = (0..devices.len())
             .map(|local_rank| {
@@ -78,15 +92,16 @@ pub fn run_on_each_device(
                 let work = &work;
                 std::thread::Builder::new()
                     .name(format!("peer-{local_rank}"))
-                    // Backward passes recurse through the graph: give peers the main thread's room.
-                    .stack_size(64 << 20)
+                    .stack_size(PEER_STACK)
                     .spawn_scoped(scope, move || {
-                        let outcome = distributed::run_as(peer, || {
-                            let outcome = work(local_rank);
-                            if outcome.is_ok() {
-                                distributed::leave();
-                            }
-                            outcome
+                        let outcome = on_cores_of_its_own(cores_per_peer, || {
+                            distributed::run_as(peer, || {
+                                let outcome = work(local_rank);
+                                if outcome.is_ok() {
+                                    distributed::leave();
+                                }
+                                outcome
+                            })
                         });
                         if let Err(error) = &outcome {
                             // The other peers would wait for this one forever: end the run.
@@ -103,4 +118,37 @@ pub fn run_on_each_device(
         }
         Ok(())
     })
+}
+
+/// Runs `work` in a thread pool of `cores` threads of its own (on this thread's stack size),
+/// or here when `None`.
+fn on_cores_of_its_own<T: Send>(cores: Option<usize>, work: impl FnOnce() -> T + Send) -> T {
+    let Some(cores) = cores else { return work() };
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(cores)
+        .stack_size(PEER_STACK)
+        .build()
+    {
+        Ok(pool) => pool.install(work),
+        Err(_) => work(), // no threads to spare: share the global pool as before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_runs_in_a_pool_of_its_share_of_cores() {
+        let caller = std::thread::current().id();
+        for cores in [1, 3] {
+            let (threads, thread) = on_cores_of_its_own(Some(cores), || {
+                (rayon::current_num_threads(), std::thread::current().id())
+            });
+            assert_eq!(threads, cores);
+            assert_ne!(thread, caller, "runs on the pool's thread");
+        }
+        let here = on_cores_of_its_own(None, || std::thread::current().id());
+        assert_eq!(here, caller);
+    }
 }

@@ -73,29 +73,67 @@ fn accumulating_micro_batches_equals_one_large_batch() {
         TokenBatch::from_rows(&all[1..], 0),
     ];
     let (accumulated_loss, accumulated) = trainer.loss_and_gradients(&micro).unwrap();
-    assert!(
-        (large_loss - accumulated_loss).abs() < 1e-5,
-        "{large_loss} vs {accumulated_loss}"
-    );
-    assert_eq!(large.tensors.len(), accumulated.tensors.len());
-    for (name, g) in &large.tensors {
-        let a: Vec<f32> = g.to_data().to_vec().unwrap();
-        let b: Vec<f32> = accumulated.tensors[name].to_data().to_vec().unwrap();
-        let scale = a.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
-        let error = a
+    assert_same_loss_and_gradients((large_loss, &large), (accumulated_loss, &accumulated));
+    // Summing instead of averaging would be off by the micro-batch count: make sure the
+    // comparison can tell.
+    let norm = large.global_norm();
+    assert!(norm > 1e-3 && (accumulated.global_norm() - norm).abs() < 1e-5 * norm);
+}
+
+fn assert_same_loss_and_gradients(
+    (loss_a, a): (f64, &Gradients<Cpu>),
+    (loss_b, b): (f64, &Gradients<Cpu>),
+) {
+    assert!((loss_a - loss_b).abs() < 1e-5, "{loss_a} vs {loss_b}");
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, g) in &a.tensors {
+        let x: Vec<f32> = g.to_data().to_vec().unwrap();
+        let y: Vec<f32> = b.tensors[name].to_data().to_vec().unwrap();
+        let scale = x.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        let error = x
             .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
             .fold(0.0f32, f32::max);
         assert!(
             error <= 1e-5 * scale.max(1e-3),
             "{name}: {error} (largest gradient {scale})"
         );
     }
-    // Summing instead of averaging would be off by the micro-batch count: make sure the
-    // comparison can tell.
-    let norm = large.global_norm();
-    assert!(norm > 1e-3 && (accumulated.global_norm() - norm).abs() < 1e-5 * norm);
+}
+
+#[test]
+fn splitting_micro_batches_by_length_pads_less_for_the_same_gradients() {
+    // Short and long rows mixed, as in SFT data: one batch pads the short ones to the longest.
+    let rows: Vec<TokenRow> = [30, 200, 40, 190, 35, 180, 45, 170]
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| TokenRow {
+            tokens: (0..len).map(|i| ((i * 7 + r * 3) % 40) as u32).collect(),
+            loss_mask: (0..len).map(|i| i >= 2).collect(),
+            segment: vec![1; len],
+        })
+        .collect();
+    let trainer = |split: bool, name: &str| {
+        let mut config = config(1);
+        config.batch_size = rows.len();
+        config.split_by_length = split;
+        start(tiny_model(), config, None, name)
+    };
+    let (whole, split) = (trainer(false, "split-off"), trainer(true, "split-on"));
+    let batches = |trainer: &Trainer<CpuAutodiff>| {
+        let mut sampler = datasets::EpochSampler::new(rows.len(), 3);
+        trainer.next_micro_batches(&mut sampler, &rows, 0).unwrap()
+    };
+    let (one, pieces) = (batches(&whole), batches(&split));
+    let padded = |batches: &[TokenBatch]| -> usize {
+        batches.iter().map(|b| b.inputs.len() * b.width()).sum()
+    };
+    assert_eq!(one.len(), 1);
+    assert!(pieces.len() > 1 && padded(&pieces) < padded(&one));
+    let (loss_one, gradients_one) = whole.loss_and_gradients(&one).unwrap();
+    let (loss_pieces, gradients_pieces) = split.loss_and_gradients(&pieces).unwrap();
+    assert_same_loss_and_gradients((loss_one, &gradients_one), (loss_pieces, &gradients_pieces));
 }
 
 #[test]

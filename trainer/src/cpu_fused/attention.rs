@@ -12,7 +12,7 @@
 //! the number of threads. The probabilities are kept for the backward pass, as the composed
 //! form keeps them.
 
-use super::products::{output_buffer, product, Matrix, Shared, Strided};
+use super::products::{product, Matrix, OutputBuffer, Strided};
 use super::{checked, cpu_node, on_cpu_autodiff, record, softmax_backward_row, softmax_row};
 use crate::backend::{Cpu, CpuAutodiff};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -183,9 +183,9 @@ impl AttentionState {
             self.blocked(),
         );
         let out_dims = [d.batch, d.queries, d.heads, d.head_dim];
-        let mut out = output_buffer(out_dims.iter().product());
-        let mut probs = output_buffer(d.batch * d.heads * d.head_scores());
-        let (out_buffer, probs_buffer) = (Shared::of(&mut out), Shared::of(&mut probs));
+        let mut out = OutputBuffer::new(out_dims.iter().product());
+        let mut probs = OutputBuffer::new(d.batch * d.heads * d.head_scores());
+        let (out_buffer, probs_buffer) = (out.shared(), probs.shared());
         (0..d.tasks()).into_par_iter().for_each(|task| {
             let (b, kv) = (task / d.kv_heads, task % d.kv_heads);
             let (keys, values) = (k.matrix(&[b, kv]), v.matrix(&[b, kv]));
@@ -220,6 +220,8 @@ impl AttentionState {
                 }
             }
         });
+        // Safety: the tasks wrote every head of every sequence, scores and output.
+        let (out, probs) = unsafe { (out.written(), probs.written()) };
         (heads_view(out, out_dims), probs)
     }
 
@@ -235,14 +237,10 @@ impl AttentionState {
         );
         let q_dims = [d.batch, d.queries, d.heads, d.head_dim];
         let kv_dims = [d.batch, d.keys, d.kv_heads, d.head_dim];
-        let mut dq = output_buffer(q_dims.iter().product());
-        let mut dk = output_buffer(kv_dims.iter().product());
-        let mut dv = output_buffer(kv_dims.iter().product());
-        let (dq_buffer, dk_buffer, dv_buffer) = (
-            Shared::of(&mut dq),
-            Shared::of(&mut dk),
-            Shared::of(&mut dv),
-        );
+        let mut dq = OutputBuffer::new(q_dims.iter().product());
+        let mut dk = OutputBuffer::new(kv_dims.iter().product());
+        let mut dv = OutputBuffer::new(kv_dims.iter().product());
+        let (dq_buffer, dk_buffer, dv_buffer) = (dq.shared(), dk.shared(), dv.shared());
         (0..d.tasks()).into_par_iter().for_each(|task| {
             let (b, kv) = (task / d.kv_heads, task % d.kv_heads);
             let (keys, values) = (k.matrix(&[b, kv]), v.matrix(&[b, kv]));
@@ -310,6 +308,9 @@ impl AttentionState {
                 }
             }
         });
+        // Safety: each head's first group wrote its key and value gradients, and every
+        // head its query gradients.
+        let (dq, dk, dv) = unsafe { (dq.written(), dk.written(), dv.written()) };
         [
             heads_view(dq, q_dims),
             heads_view(dk, kv_dims),

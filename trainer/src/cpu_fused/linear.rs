@@ -6,7 +6,7 @@
 //! every weight of every step. Here `dw = dyᵀ · x` is written in the weight's own layout, and
 //! `dx = dy · w` reads `w` in place.
 
-use super::products::{output_buffer, product, Matrix, Strided};
+use super::products::{product, Matrix, OutputBuffer, Strided};
 use super::{checked, cpu_node, flex_f32, on_cpu_autodiff, record};
 use crate::backend::Cpu;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -51,7 +51,7 @@ fn times([m, n, k]: [usize; 3], [a, b]: [&FlexTensor; 2], transposed: [bool; 2])
         }
     };
     let (lhs, rhs) = (operand(a, transposed[0]), operand(b, transposed[1]));
-    let mut y = output_buffer(m * n);
+    let mut y = OutputBuffer::new(m * n);
     // As burn-flex decides: the thread pool only for products big enough to gain from it.
     let parallelism = match m * n * k >= 192 * 192 * 192 {
         true => gemm::Parallelism::Rayon(0),
@@ -61,14 +61,15 @@ fn times([m, n, k]: [usize; 3], [a, b]: [&FlexTensor; 2], transposed: [bool; 2])
     unsafe {
         product(
             [m, n, k],
-            Matrix::rows_of(y.as_mut_ptr(), 0, n),
+            Matrix::rows_of(y.shared().ptr(), 0, n),
             lhs,
             rhs,
             false,
             parallelism,
         );
     }
-    flex_f32(y, Shape::new([m, n]))
+    // Safety: the product wrote all of `y` (zeros when `k` is 0).
+    flex_f32(unsafe { y.written() }, Shape::new([m, n]))
 }
 
 /// `dx = dy · w`, `dw = dyᵀ · x`.
