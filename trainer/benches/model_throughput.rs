@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::generate::{generate, GenerationConfig};
+use trainer::launch::on_cores_of_its_own;
 use trainer::model::init::ParamInit;
 use trainer::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
 use trainer::sampling::SamplingParams;
@@ -98,15 +99,22 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
     let gen_seconds = start.elapsed().as_secs_f64();
     let gen_tps = generated.num_tokens() as f64 / gen_seconds;
 
-    // Two threads, each generating for its half of the prompts (the weights are shared).
+    // Two threads, each generating for its half of the prompts (the weights are shared), each
+    // in a pool of half the cores as the recipe's peers run.
     let halves: Vec<&[Vec<u32>]> = prompts.chunks(batch_size.div_ceil(2)).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let half_the_cores = Some((cores / 2).max(1));
     let start = Instant::now();
     let split_tokens: usize = std::thread::scope(|scope| {
         let peers: Vec<_> = halves
             .iter()
             .map(|half| {
                 let (model, gen_config) = (model.clone(), &gen_config);
-                scope.spawn(move || generate(&model, half, gen_config).unwrap().num_tokens())
+                scope.spawn(move || {
+                    on_cores_of_its_own(half_the_cores, || {
+                        generate(&model, half, gen_config).unwrap().num_tokens()
+                    })
+                })
             })
             .collect();
         peers.into_iter().map(|peer| peer.join().unwrap()).sum()

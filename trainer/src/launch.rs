@@ -122,7 +122,7 @@ pub fn run_on_each_device(
 
 /// Runs `work` in a thread pool of `cores` threads of its own (each with a peer's stack), or
 /// on this thread when `None`.
-fn on_cores_of_its_own<T: Send>(cores: Option<usize>, work: impl FnOnce() -> T + Send) -> T {
+pub fn on_cores_of_its_own<T: Send>(cores: Option<usize>, work: impl FnOnce() -> T + Send) -> T {
     let Some(cores) = cores else { return work() };
     match rayon::ThreadPoolBuilder::new()
         .num_threads(cores)
