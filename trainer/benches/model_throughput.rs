@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use trainer::backend::DeviceSpec;
 use trainer::generate::{generate, GenerationConfig};
-use trainer::launch::on_cores_of_its_own;
+use trainer::launch::{on_cores_of_its_own, share_of_cores};
 use trainer::model::init::ParamInit;
 use trainer::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
 use trainer::sampling::SamplingParams;
@@ -102,8 +102,7 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
     // Two threads, each generating for its half of the prompts (the weights are shared), each
     // in a pool of half the cores as the recipe's peers run.
     let halves: Vec<&[Vec<u32>]> = prompts.chunks(batch_size.div_ceil(2)).collect();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let half_the_cores = Some((cores / 2).max(1));
+    let half_the_cores = Some(share_of_cores(2));
     let start = Instant::now();
     let split_tokens: usize = std::thread::scope(|scope| {
         let peers: Vec<_> = halves

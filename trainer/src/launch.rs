@@ -79,11 +79,7 @@ pub fn run_on_each_device(
         .iter()
         .filter(|s| matches!(s, DeviceSpec::Cpu))
         .count();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cores_per_peer = match cpu_peers {
-        0 => None,
-        n => Some((cores / n).max(1)),
-    };
+    let cores_per_peer = (cpu_peers > 0).then(|| share_of_cores(cpu_peers));
     std::thread::scope(|scope| {
         let peers: Vec<_> = (0..devices.len())
             .map(|local_rank| {
@@ -118,6 +114,12 @@ pub fn run_on_each_device(
         }
         Ok(())
     })
+}
+
+/// This machine's cores divided among `peers` (at least one each).
+pub fn share_of_cores(peers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / peers.max(1)).max(1)
 }
 
 /// Runs `work` in a thread pool of `cores` threads of its own (each with a peer's stack), or
