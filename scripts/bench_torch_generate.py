@@ -2,8 +2,9 @@
 """PyTorch reference for the generation half of `cargo bench -p trainer --bench
 model_throughput`: the same config (vocab 8192, hidden 384, 6 layers, 6 heads / 2 KV heads,
 MLP 1024), 4 prompts of 128 tokens, 64 new tokens each, sampling at temperature 1 with the KV
-cache (`transformers.generate`). `--model DIR` loads a Hugging Face folder instead (as the bench's
-`--model`), `--batch N` sets the number of prompts.
+cache (`transformers.generate`), the median of five runs as the bench reports its own.
+`--model DIR` loads a Hugging Face folder instead (as the bench's `--model`), `--batch N` sets
+the number of prompts.
 
     python3 scripts/bench_torch_generate.py cpu
     python3 scripts/bench_torch_generate.py cuda --dtype bf16
@@ -16,6 +17,7 @@ import torch
 import transformers
 
 PROMPT, NEW_TOKENS = 128, 64
+GENERATION_RUNS = 5
 
 
 def main():
@@ -61,11 +63,15 @@ def main():
         forward()
     forward_tps = 5 * batch * PROMPT / (time.perf_counter() - start)
     run()  # warm-up
-    start = time.perf_counter()
-    new = run()
-    seconds = time.perf_counter() - start
+    # The median of five timed runs, as the Rust bench reports its own.
+    rates = []
+    for _ in range(GENERATION_RUNS):
+        start = time.perf_counter()
+        new = run()
+        rates.append(batch * new / (time.perf_counter() - start))
+    rate = sorted(rates)[GENERATION_RUNS // 2]
     print(f"impl=torch-generate-{args.dtype} device={args.device} batch={batch} prompt={PROMPT} "
-          f"new_tokens={new} tokens_per_s={batch * new / seconds:.1f} "
+          f"new_tokens={new} tokens_per_s={rate:.1f} "
           f"forward_tokens_per_s={forward_tps:.0f}", flush=True)
 
 

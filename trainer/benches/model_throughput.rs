@@ -1,7 +1,8 @@
 //! Forward and generation throughput of a fixed small Llama config, or of a Hugging Face
 //! model folder (`--model DIR`), at batch 4 or `--batch N`. Generation is also measured with
 //! the batch split over two threads, as two data-parallel peers of `onpolicy-sft` sample
-//! (on CPU one thread of a small model keeps about one core busy).
+//! (on CPU one thread of a small model keeps about one core busy). Generation figures are the
+//! median of five runs, as `scripts/bench_torch_generate.py` reports `transformers.generate`.
 //!
 //!     cargo bench -p trainer --bench model_throughput             # CPU
 //!     cargo bench -p trainer --features cuda --bench model_throughput -- cuda
@@ -94,31 +95,28 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
         pad_id: 0,
     };
     let _ = generate(&model, &prompts, &gen_config).unwrap(); // warm-up
-    let start = Instant::now();
-    let generated = generate(&model, &prompts, &gen_config).unwrap();
-    let gen_seconds = start.elapsed().as_secs_f64();
-    let gen_tps = generated.num_tokens() as f64 / gen_seconds;
+    let gen_tps = median_rate(|| generate(&model, &prompts, &gen_config).unwrap().num_tokens());
 
     // Two threads, each generating for its half of the prompts (the weights are shared), each
     // in a pool of half the cores as the recipe's peers run.
     let halves: Vec<&[Vec<u32>]> = prompts.chunks(batch_size.div_ceil(2)).collect();
     let half_the_cores = Some(share_of_cores(2));
-    let start = Instant::now();
-    let split_tokens: usize = std::thread::scope(|scope| {
-        let peers: Vec<_> = halves
-            .iter()
-            .map(|half| {
-                let (model, gen_config) = (model.clone(), &gen_config);
-                scope.spawn(move || {
-                    on_cores_of_its_own(half_the_cores, || {
-                        generate(&model, half, gen_config).unwrap().num_tokens()
+    let split_tps = median_rate(|| {
+        std::thread::scope(|scope| {
+            let peers: Vec<_> = halves
+                .iter()
+                .map(|half| {
+                    let (model, gen_config) = (model.clone(), &gen_config);
+                    scope.spawn(move || {
+                        on_cores_of_its_own(half_the_cores, || {
+                            generate(&model, half, gen_config).unwrap().num_tokens()
+                        })
                     })
                 })
-            })
-            .collect();
-        peers.into_iter().map(|peer| peer.join().unwrap()).sum()
+                .collect();
+            peers.into_iter().map(|peer| peer.join().unwrap()).sum()
+        })
     });
-    let split_tps = split_tokens as f64 / start.elapsed().as_secs_f64();
 
     println!(
         "{label}: {:.1}M params, batch {batch_size} x {PROMPT} tokens | forward {forward_tps:.0} tokens/s | \
@@ -126,6 +124,23 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
          split over two threads {split_tps:.1} tokens/s",
         config.num_parameters() as f64 / 1e6
     );
+}
+
+/// Generation runs timed, each on its own; `bench_torch_generate.py` times as many.
+const GENERATION_RUNS: usize = 5;
+
+/// The median over [`GENERATION_RUNS`] runs of `run` of the tokens it made per second (one
+/// run of the small config lasts half a second, where this shared machine's spread is wide).
+fn median_rate(mut run: impl FnMut() -> usize) -> f64 {
+    let mut rates: Vec<f64> = (0..GENERATION_RUNS)
+        .map(|_| {
+            let start = Instant::now();
+            let tokens = run();
+            tokens as f64 / start.elapsed().as_secs_f64()
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[GENERATION_RUNS / 2]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -3,7 +3,10 @@
 //! the linear layers' product (`linear`), attention's scale, mask and softmax alone (where a
 //! bias or the probabilities are wanted) and the plain softmax over the last axis, the
 //! next-token cross-entropy, the RMS norm, SwiGLU's `silu(gate) * up` and the rotary position
-//! embedding (also without autodiff). (AdamW's one-pass update is in `optim`.)
+//! embedding. Attention's core, the RMS norm, the gate and the rotation also run without
+//! autodiff (generation and evaluation), the same f32 operations as under it; and
+//! `write_positions` writes a decoding step's keys into the key/value cache in place.
+//! (AdamW's one-pass update is in `optim`.)
 //!
 //! Ours because Burn 0.21's autodiff builds each from a chain of element-wise ops (max,
 //! subtract, exp, sum, divide or log, gather; then as many backward steps), each
@@ -95,12 +98,67 @@ fn on_cpu_autodiff<B: Backend>(dtypes: &[DType]) -> bool {
     TypeId::of::<B>() == TypeId::of::<CpuAutodiff>() && dtypes.iter().all(|d| *d == DType::F32)
 }
 
+/// Whether the fused ops' forward pass alone applies: tensors of the CPU backend without
+/// autodiff (inference: generation, evaluation), holding f32.
+fn on_cpu_inference<B: Backend>(dtypes: &[DType]) -> bool {
+    TypeId::of::<B>() == TypeId::of::<Cpu>() && dtypes.iter().all(|d| *d == DType::F32)
+}
+
+/// The CPU tensor that `tensor` is, where [`on_cpu_inference`] holds.
+fn cpu_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FlexTensor {
+    checked::<_, Tensor<Cpu, D>>(tensor)
+        .into_primitive()
+        .tensor()
+}
+
+/// `values` as a tensor of `B`, where [`on_cpu_inference`] holds.
+fn from_cpu_values<B: Backend, const D: usize>(values: FlexTensor) -> Tensor<B, D> {
+    checked(Tensor::<Cpu, D>::from_primitive(TensorPrimitive::Float(
+        values,
+    )))
+}
+
 /// The CPU autodiff tensor (value and graph node) that `tensor` is, where
 /// [`on_cpu_autodiff`] holds.
 fn cpu_node<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> CpuNode {
     checked::<_, Tensor<CpuAutodiff, D>>(tensor)
         .into_primitive()
         .tensor()
+}
+
+/// `store[:, :, at..at + n] = new` for `store: [batch, heads, capacity, head_dim]` and `new:
+/// [batch, heads, n, head_dim]` (any strides), written in place on the CPU backend without
+/// autodiff where no one else holds `store`; the inputs back elsewhere. (burn-flex's
+/// `slice_assign` copies the whole tensor first: it keeps the tensor it was given alive
+/// while writing a clone of it, which made each decoding step copy the whole key/value cache.)
+#[allow(clippy::type_complexity)]
+pub fn write_positions<B: Backend>(
+    store: Tensor<B, 4>,
+    at: usize,
+    new: Tensor<B, 4>,
+) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>)> {
+    let ([batch, heads, capacity, head_dim], [nb, nh, n, nd]) = (store.dims(), new.dims());
+    let fits = [nb, nh, nd] == [batch, heads, head_dim] && at + n <= capacity;
+    if !fits || !on_cpu_inference::<B>(&[store.dtype(), new.dtype()]) {
+        return Err((store, new));
+    }
+    let (mut store, new) = (cpu_values(store), cpu_values(new));
+    let whole = store.layout().is_contiguous() && store.layout().start_offset() == 0;
+    let source = products::Strided::of(&new);
+    let Some(target) = whole.then(|| store.try_storage_mut::<f32>()).flatten() else {
+        return Err((from_cpu_values(store), from_cpu_values(new)));
+    };
+    let step = source.last_stride();
+    for (b, h, t) in
+        (0..batch).flat_map(|b| (0..heads).flat_map(move |h| (0..n).map(move |t| (b, h, t))))
+    {
+        let from = source.position(&[b, h, t]);
+        let to = ((b * heads + h) * capacity + at + t) * head_dim;
+        for (d, value) in target[to..to + head_dim].iter_mut().enumerate() {
+            *value = source.data[(from + d as isize * step) as usize];
+        }
+    }
+    Ok(from_cpu_values(store))
 }
 
 /// Values spread over [-2, 2) by a fixed formula, for tests (the backend's seeded generator
@@ -462,20 +520,27 @@ impl Backward<Cpu, 1> for NllBackward {
 
 // ---- RMS norm ---------------------------------------------------------------------------------
 
-/// `weight * x / sqrt(mean(x^2) + eps)` over the last axis, fused on the CPU backend under
-/// autodiff; `x` and `weight` back elsewhere.
+/// `weight * x / sqrt(mean(x^2) + eps)` over the last axis, fused on the CPU backend (with
+/// or without autodiff); `x` and `weight` back elsewhere.
 #[allow(clippy::type_complexity)]
 pub fn rms_norm<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 1>,
     eps: f64,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 1>)> {
+    let shape = x.shape();
+    let hidden = shape.dims::<D>()[D - 1];
+    if on_cpu_inference::<B>(&[x.dtype(), weight.dtype()]) {
+        let (x, weight) = (cpu_values(x), cpu_values(weight));
+        let (x, weight) = (contiguous_f32(&x), contiguous_f32(&weight));
+        let [x, weight] = [&x, &weight].map(|t| t.as_slice::<f32>().expect("contiguous"));
+        let y = RmsRows::new(x, hidden, eps as f32).forward(x, weight);
+        return Ok(from_cpu_values(flex_f32(y, shape)));
+    }
     if !on_cpu_autodiff::<B>(&[x.dtype(), weight.dtype()]) {
         return Err((x, weight));
     }
-    let shape = x.shape();
     let (x_node, w_node) = (cpu_node(x), cpu_node(weight));
-    let hidden = shape.dims::<D>()[D - 1];
     let x_values = contiguous_f32(&x_node.primitive);
     let w_values = contiguous_f32(&w_node.primitive);
     let norm = Arc::new(RmsRows::new(
@@ -619,12 +684,21 @@ impl Backward<Cpu, 2> for RmsNormBackward {
 
 // ---- SwiGLU's gate ------------------------------------------------------------------------------
 
-/// `silu(gate) * up`, fused on the CPU backend under autodiff; the inputs back elsewhere.
+/// `silu(gate) * up`, fused on the CPU backend (with or without autodiff); the inputs back
+/// elsewhere.
 #[allow(clippy::type_complexity)]
 pub fn silu_gate<B: Backend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if on_cpu_inference::<B>(&[gate.dtype(), up.dtype()]) && gate.shape() == up.shape() {
+        let shape = gate.shape();
+        let (gate, up) = (cpu_values(gate), cpu_values(up));
+        let (gate, up) = (contiguous_f32(&gate), contiguous_f32(&up));
+        let [g, u] = [&gate, &up].map(|t| t.as_slice::<f32>().expect("contiguous"));
+        let y = elementwise(g, u, g, |g, u, _| g * sigmoid(g) * u);
+        return Ok(from_cpu_values(flex_f32(y, shape)));
+    }
     if !on_cpu_autodiff::<B>(&[gate.dtype(), up.dtype()]) || gate.shape() != up.shape() {
         return Err((gate, up));
     }
@@ -981,6 +1055,58 @@ mod tests {
             |[g, u]| silu_gate(g.clone(), u.clone()).expect("CPU autodiff"),
             |[g, u]| burn::tensor::activation::silu(g.clone()) * u.clone(),
         );
+    }
+
+    #[test]
+    fn without_autodiff_the_fused_norm_and_gate_give_the_same_bits() {
+        let (x, weight) = (random([3, 70, 48], 16).inner(), random([48], 17).inner());
+        let (gate, up) = (
+            random([2, 33, 40], 18).inner(),
+            random([2, 33, 40], 19).inner(),
+        );
+        fn norm<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>) -> Tensor<B, 3> {
+            rms_norm(x, weight, 1e-5).expect("the CPU backend")
+        }
+        fn gated<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+            silu_gate(gate, up).expect("the CPU backend")
+        }
+        let tracked = |t: &Tensor<Cpu, 3>| Tensor::<AB, 3>::from_inner(t.clone());
+        let plain = norm(x.clone(), weight.clone());
+        let autodiff = norm(tracked(&x), Tensor::from_inner(weight)).inner();
+        assert_eq!(plain.into_data(), autodiff.into_data(), "rms norm");
+        let plain = gated(gate.clone(), up.clone());
+        let autodiff = gated(tracked(&gate), tracked(&up)).inner();
+        assert_eq!(plain.into_data(), autodiff.into_data(), "silu gate");
+    }
+
+    fn storage_address(t: &Tensor<Cpu, 4>) -> usize {
+        t.clone()
+            .into_primitive()
+            .tensor()
+            .storage::<f32>()
+            .as_ptr() as usize
+    }
+
+    #[test]
+    fn a_key_value_store_is_written_in_place_unless_shared() {
+        let store = random([2, 3, 6, 4], 20).inner();
+        // Strided, as keys come from the projections: [batch, seq, heads, dim] seen by head.
+        let new = random([2, 2, 3, 4], 21).inner().swap_dims(1, 2);
+        let want = store.clone().slice_assign(s![.., .., 3..5], new.clone());
+        let address = storage_address(&store);
+        let written = write_positions(store, 3, new.clone()).expect("in place");
+        assert_eq!(storage_address(&written), address, "the same storage");
+        assert_eq!(written.clone().into_data(), want.into_data());
+
+        // Held elsewhere too: the other holder must not see the write.
+        let held = written.clone();
+        let before = held.clone().into_data();
+        assert!(write_positions(written, 0, new.clone()).is_err());
+        assert_eq!(held.clone().into_data(), before);
+        // Past the capacity, or under autodiff: the caller's own path.
+        assert!(write_positions(held, 5, new.clone()).is_err());
+        let tracked = Tensor::<AB, 4>::from_inner(random([2, 3, 6, 4], 22).inner());
+        assert!(write_positions(tracked, 0, Tensor::from_inner(new)).is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Attention's core as one op on the CPU backend under autodiff: per head,
-//! `softmax(mask_fill(q · kᵀ · scale, blocked, f32::MIN)) · v`, with its own backward pass.
+//! Attention's core as one op on the CPU backend: per head,
+//! `softmax(mask_fill(q · kᵀ · scale, blocked, f32::MIN)) · v`, with its own backward pass
+//! under autodiff, and the forward pass alone without (generation reads the key/value cache
+//! in place, through its strides).
 //!
 //! Ours because the composed form moves every head around on one thread: the projections give
 //! `[batch, seq, heads, head_dim]`, Burn's batched product wants `[batch, heads, seq,
@@ -9,11 +11,14 @@
 //! strides and write outputs and gradients straight into `[batch, seq, heads, head_dim]`, the
 //! layout the next projection reads. Each (sequence, key/value head) pair is one task of the
 //! thread pool and each product runs on one thread, so results repeat bit for bit whatever
-//! the number of threads. The probabilities are kept for the backward pass, as the composed
-//! form keeps them.
+//! the number of threads. Under autodiff the probabilities are kept for the backward pass, as
+//! the composed form keeps them.
 
 use super::products::{product, Matrix, OutputBuffer, Strided};
-use super::{checked, cpu_node, on_cpu_autodiff, record, softmax_backward_row, softmax_row};
+use super::{
+    checked, cpu_node, cpu_values, from_cpu_values, on_cpu_autodiff, on_cpu_inference, record,
+    softmax_backward_row, softmax_row,
+};
 use crate::backend::{Cpu, CpuAutodiff};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -27,8 +32,8 @@ use std::sync::Arc;
 /// `softmax(mask_fill(q · kᵀ · scale, blocked, f32::MIN)) · v` for queries `q: [batch, heads,
 /// queries, head_dim]` over keys and values `[batch, kv_heads, keys, head_dim]` (query head `h`
 /// reads key/value head `h / (heads / kv_heads)`), `blocked` broadcastable to `[batch,
-/// kv_heads, heads / kv_heads, queries, keys]`: fused on the CPU backend under autodiff; the
-/// inputs back elsewhere. The result is `[batch, heads, queries, head_dim]`, stored as
+/// kv_heads, heads / kv_heads, queries, keys]`: fused on the CPU backend (with or without
+/// autodiff); the inputs back elsewhere. The result is `[batch, heads, queries, head_dim]`, stored as
 /// `[batch, queries, heads, head_dim]` (so merging the heads after `swap_dims(1, 2)` is free).
 #[allow(clippy::type_complexity)]
 pub fn attention<B: Backend>(
@@ -43,13 +48,26 @@ pub fn attention<B: Backend>(
         blocked.dtype(),
         DType::Bool(BoolStore::Native | BoolStore::U8)
     );
-    let (Some(dims), true, true) = (
-        dims,
-        byte_mask,
-        on_cpu_autodiff::<B>(&[q.dtype(), k.dtype(), v.dtype()]),
-    ) else {
+    let dtypes = [q.dtype(), k.dtype(), v.dtype()];
+    let (Some(dims), true) = (dims, byte_mask) else {
         return Err((q, k, v));
     };
+    if on_cpu_inference::<B>(&dtypes) {
+        let blocked: Tensor<Cpu, 5, Bool> = checked(blocked.clone());
+        let state = AttentionState {
+            dims,
+            scale: scale as f32,
+            q: cpu_values(q),
+            k: cpu_values(k),
+            v: cpu_values(v),
+            blocked: blocked.into_primitive(),
+            probs: Arc::default(),
+        };
+        return Ok(from_cpu_values(state.forward(false).0));
+    }
+    if !on_cpu_autodiff::<B>(&dtypes) {
+        return Err((q, k, v));
+    }
     let [q, k, v] = [q, k, v].map(cpu_node);
     let blocked: Tensor<CpuAutodiff, 5, Bool> = checked(blocked.clone());
     let state = AttentionState {
@@ -61,7 +79,7 @@ pub fn attention<B: Backend>(
         blocked: blocked.into_primitive(),
         probs: Arc::default(),
     };
-    let (out, probs) = state.forward();
+    let (out, probs) = state.forward(true);
     let state = AttentionState {
         probs: Arc::new(probs),
         ..state
@@ -172,9 +190,10 @@ impl AttentionState {
         Strided::with(self.blocked.storage::<u8>(), &self.blocked)
     }
 
-    /// The output (`[batch, heads, queries, head_dim]`, stored by query) and the
-    /// probabilities.
-    fn forward(&self) -> (FlexTensor, Vec<f32>) {
+    /// The output (`[batch, heads, queries, head_dim]`, stored by query) and, when
+    /// `keep_probs` (for the backward pass), the probabilities; else they live in each task's
+    /// scratch only (inference).
+    fn forward(&self, keep_probs: bool) -> (FlexTensor, Vec<f32>) {
         let d = self.dims;
         let (q, k, v, blocked) = (
             Strided::of(&self.q),
@@ -184,15 +203,22 @@ impl AttentionState {
         );
         let out_dims = [d.batch, d.queries, d.heads, d.head_dim];
         let mut out = OutputBuffer::new(out_dims.iter().product());
-        let mut probs = OutputBuffer::new(d.batch * d.heads * d.head_scores());
+        let kept = if keep_probs { d.heads } else { 0 };
+        let mut probs = OutputBuffer::new(d.batch * kept * d.head_scores());
         let (out_buffer, probs_buffer) = (out.shared(), probs.shared());
         (0..d.tasks()).into_par_iter().for_each(|task| {
             let (b, kv) = (task / d.kv_heads, task % d.kv_heads);
             let (keys, values) = (k.matrix(&[b, kv]), v.matrix(&[b, kv]));
+            let mut scratch = vec![0.0f32; if keep_probs { 0 } else { d.head_scores() }];
             for g in 0..d.groups() {
                 let head = kv * d.groups() + g;
-                let scores_start = (b * d.heads + head) * d.head_scores();
-                let scores = Matrix::rows_of(probs_buffer.ptr(), scores_start, d.keys);
+                let scores = match keep_probs {
+                    true => {
+                        let start = (b * d.heads + head) * d.head_scores();
+                        Matrix::rows_of(probs_buffer.ptr(), start, d.keys)
+                    }
+                    false => Matrix::rows_of(scratch.as_mut_ptr(), 0, d.keys),
+                };
                 // Safety: the matrices lie in their tensors' storage; this task alone
                 // writes this head's scores and output rows.
                 unsafe {
@@ -220,7 +246,7 @@ impl AttentionState {
                 }
             }
         });
-        // Safety: the tasks wrote every head of every sequence, scores and output.
+        // Safety: the tasks wrote every head of every sequence, output and (when kept) scores.
         let (out, probs) = unsafe { (out.written(), probs.written()) };
         (heads_view(out, out_dims), probs)
     }
@@ -440,6 +466,17 @@ mod tests {
                 .map(|t| t.into_data())
         };
         assert_eq!(on(1), on(3));
+    }
+
+    #[test]
+    fn without_autodiff_fused_attention_gives_the_same_bits() {
+        let [q, k, v, upstream] = inputs();
+        let scale = (HEAD_DIM as f64).powf(-0.5);
+        let blocked: Tensor<Cpu, 5, Bool> = blocked().inner();
+        let plain = attention(q.clone(), k.clone(), v.clone(), &blocked, scale)
+            .unwrap_or_else(|_| panic!("the CPU path"));
+        let [tracked, ..] = run(true, [q, k, v, upstream]);
+        assert_eq!(plain.into_data(), tracked.into_data());
     }
 
     #[test]

@@ -349,7 +349,10 @@ impl<B: Backend> LayerKv<B> {
         let [batch, heads, capacity, head_dim] = self.keys.dims();
         // Moved, not cloned: a store no one else holds is written in place.
         let write = |store: Tensor<B, 4>, new: Tensor<B, 4>| match len <= capacity {
-            true => store.slice_assign(s![.., .., stored..len], new),
+            true => match crate::cpu_fused::write_positions(store, stored, new) {
+                Ok(written) => written,
+                Err((store, new)) => store.slice_assign(s![.., .., stored..len], new),
+            },
             false => {
                 let room = len.max(2 * capacity) - len;
                 let room = Tensor::zeros([batch, heads, room, head_dim], &new.device());

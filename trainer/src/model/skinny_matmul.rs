@@ -5,8 +5,9 @@
 //! weight matrix on every call: with a handful of rows that copy costs more than the product
 //! (SmolLM2-135M's output head at 16 rows ran at 20 GFLOP/s; BENCHMARKS.md). Here each weight
 //! row is read once, in place, and multiplied by every row of `x` while it is in cache: a dot
-//! product per output, eight AVX2 lanes wide, with the weight rows split over the thread pool
-//! (CPUs without AVX2 and FMA keep the backend's product).
+//! product per output, sixteen AVX-512 lanes wide (eight AVX2 lanes on CPUs without AVX-512),
+//! with the weight rows split over the thread pool (CPUs without AVX2 and FMA keep the
+//! backend's product).
 //! Each output is summed in one fixed order whatever the thread split, so results repeat
 //! bit for bit on one machine. Other backends, autodiff (training) and more rows keep the
 //! backend's own product.
@@ -19,8 +20,6 @@ use std::any::{Any, TypeId};
 
 /// Up to this many rows of `x` the kernel beats `gemm` (BENCHMARKS.md: `matmul_shapes`).
 pub const MAX_ROWS: usize = 32;
-/// Eight f32 lanes: one AVX2 register.
-const LANES: usize = 8;
 /// Weight rows a task of the thread pool covers: at most this many (a few hundred KiB of
 /// weights), and small enough that every thread gets about four tasks.
 const MAX_BLOCK: usize = 256;
@@ -60,32 +59,71 @@ fn float_primitive<B: Backend>(tensor: &Tensor<B, 2>) -> Option<B::FloatTensorPr
 /// `y[i, j] = Σ_k x[i, k] · w[j, k]` for row-major `x` (`rows × k`), `w` (`n × k`), `y`
 /// (`rows × n`); `None` where this CPU lacks AVX2 and FMA (the caller then uses the backend's).
 pub fn skinny_product(x: &[f32], w: &[f32], rows: usize, n: usize, k: usize) -> Option<Vec<f32>> {
+    let kernel = *Kernel::available().first()?;
+    Some(product_with(kernel, x, w, rows, n, k))
+}
+
+/// Which instructions the kernel uses: AVX-512 where the CPU has it (sixteen lanes, and 32
+/// registers for larger tiles), else AVX2 and FMA.
+#[derive(Clone, Copy, Debug)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernel {
+    /// The kernels this CPU can run, fastest first.
+    fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)] // nothing to add off x86-64
+        let mut kernels = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") {
+                kernels.push(Kernel::Avx512);
+            }
+            if has!("avx2") && has!("fma") {
+                kernels.push(Kernel::Avx2);
+            }
+        }
+        kernels
+    }
+}
+
+/// [`skinny_product`] with `kernel`, which this CPU must be able to run.
+fn product_with(kernel: Kernel, x: &[f32], w: &[f32], rows: usize, n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * k, "x: {rows} x {k}");
     assert_eq!(w.len(), n * k, "w: {n} x {k}");
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        let mut y = vec![0.0f32; rows * n];
-        let out = OutPtr(y.as_mut_ptr());
-        let threads = rayon::current_num_threads();
-        let rows_per_block = n
-            .div_ceil(4 * threads)
-            .next_multiple_of(4)
-            .clamp(4, MAX_BLOCK);
-        let block = |b: usize| {
-            let columns = b * rows_per_block..((b + 1) * rows_per_block).min(n);
-            // Safety: AVX2 and FMA are there (checked above); each block writes the outputs of
-            // its own weight rows only (disjoint columns of `y`), and `y` outlives the loop.
-            unsafe { avx2::product_block(x, w, rows, n, k, columns, out.get()) }
-        };
-        let blocks = n.div_ceil(rows_per_block);
-        if rows * n * k >= PARALLEL_FROM {
-            (0..blocks).into_par_iter().for_each(block);
-        } else {
-            (0..blocks).for_each(block);
+    let mut y = vec![0.0f32; rows * n];
+    let out = OutPtr(y.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    let rows_per_block = n
+        .div_ceil(4 * threads)
+        .next_multiple_of(4)
+        .clamp(4, MAX_BLOCK);
+    let block = |b: usize| {
+        let columns = b * rows_per_block..((b + 1) * rows_per_block).min(n);
+        // Safety: the kernel's instructions are there (`Kernel::available`); each block
+        // writes the outputs of its own weight rows only (disjoint columns of `y`), and `y`
+        // outlives the loop.
+        unsafe {
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => avx512::product_block(x, w, rows, n, k, columns, out.get()),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => avx2::product_block(x, w, rows, n, k, columns, out.get()),
+            }
         }
-        return Some(y);
+    };
+    let blocks = n.div_ceil(rows_per_block);
+    if rows * n * k >= PARALLEL_FROM {
+        (0..blocks).into_par_iter().for_each(block);
+    } else {
+        (0..blocks).for_each(block);
     }
-    None
+    y
 }
 
 #[derive(Clone, Copy)]
@@ -103,9 +141,11 @@ impl OutPtr {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::LANES;
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    /// Eight f32 lanes: one AVX2 register.
+    const LANES: usize = 8;
 
     /// The outputs of weight rows `columns`, in tiles of up to 4 weight rows by 3 rows of `x`:
     /// 12 eight-lane accumulators, which with the loaded lanes fit AVX2's 16 registers.
@@ -189,6 +229,97 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// Sixteen f32 lanes: one AVX-512 register.
+    const LANES: usize = 16;
+
+    /// The outputs of weight rows `columns`, in tiles of up to 4 rows of `x` by 4 weight rows:
+    /// 16 sixteen-lane accumulators, the 8 loaded vectors beside them in the 32 registers,
+    /// two multiply-adds for every load.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product_block(
+        x: &[f32],
+        w: &[f32],
+        rows: usize,
+        n: usize,
+        k: usize,
+        columns: Range<usize>,
+        out: *mut f32,
+    ) {
+        let (x, w) = (x.as_ptr(), w.as_ptr());
+        let mut j = columns.start;
+        while j < columns.end {
+            let width = (columns.end - j).min(4);
+            let mut i = 0;
+            while i < rows {
+                let height = (rows - i).min(4);
+                // Safety: the tiles stay inside x, w and y (the caller's shapes).
+                unsafe {
+                    match (height, width) {
+                        (4, 4) => tile::<4, 4>(x, w, n, k, i, j, out),
+                        (3, 4) => tile::<3, 4>(x, w, n, k, i, j, out),
+                        (2, 4) => tile::<2, 4>(x, w, n, k, i, j, out),
+                        (1, 4) => tile::<1, 4>(x, w, n, k, i, j, out),
+                        (4, _) => (0..width).for_each(|c| tile::<4, 1>(x, w, n, k, i, j + c, out)),
+                        (3, _) => (0..width).for_each(|c| tile::<3, 1>(x, w, n, k, i, j + c, out)),
+                        (2, _) => (0..width).for_each(|c| tile::<2, 1>(x, w, n, k, i, j + c, out)),
+                        _ => (0..width).for_each(|c| tile::<1, 1>(x, w, n, k, i, j + c, out)),
+                    }
+                }
+                i += height;
+            }
+            j += width;
+        }
+    }
+
+    /// Outputs `y[i..i+XR, j..j+WR]`: sixteen lanes of k at a time (the last chunk masked),
+    /// then each accumulator's lanes summed in one fixed order.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const XR: usize, const WR: usize>(
+        x: *const f32,
+        w: *const f32,
+        n: usize,
+        k: usize,
+        i: usize,
+        j: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); WR]; XR];
+        let mut t = 0;
+        // Safety (every pointer below): rows i..i+XR of x and j..j+WR of w hold k values
+        // each; the masked load reads only the lanes below k.
+        let mut step = |t: usize, mask: __mmask16| {
+            let mut wv = [_mm512_setzero_ps(); WR];
+            for (c, lanes) in wv.iter_mut().enumerate() {
+                *lanes = unsafe { _mm512_maskz_loadu_ps(mask, w.add((j + c) * k + t)) };
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add((i + r) * k + t)) };
+                for (sum, lanes) in row.iter_mut().zip(&wv) {
+                    *sum = _mm512_fmadd_ps(xv, *lanes, *sum);
+                }
+            }
+        };
+        while t + LANES <= k {
+            step(t, 0xFFFF);
+            t += LANES;
+        }
+        if t < k {
+            step(t, (1u16 << (k - t)) - 1);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, sum) in row.iter().enumerate() {
+                unsafe { *out.add((i + r) * n + j + c) = _mm512_reduce_add_ps(*sum) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,26 +345,28 @@ mod tests {
 
     #[test]
     fn agrees_with_a_plain_product_on_every_tile_shape_and_tail() {
-        // Rows 1..=7 cover tiles of 3, 2 and 1 rows; n = 259 several blocks and a
-        // ragged last tile; k = 8·5 + 3 a tail after the eight-lane chunks; the large case
-        // runs on the thread pool.
+        // Rows 1..=7 cover every tile height (up to 3 rows in AVX2, 4 in AVX-512); n = 259
+        // several blocks and a ragged last tile; k = 43 and 1029 a tail after the eight- or
+        // sixteen-lane chunks, k = 3 nothing but a tail; the large case runs on the pool.
         for (rows, n, k) in [
             (1, 5, 3),
             (2, 9, 8),
             (3, 4, 16),
             (5, 259, 43),
+            (6, 7, 17),
             (7, 130, 1029),
         ] {
             let (x, w) = (values(rows * k, 1), values(n * k, 2));
-            let Some(got) = skinny_product(&x, &w, rows, n, k) else {
-                return; // no AVX2 on this CPU: nothing to check
-            };
             let want = reference(&x, &w, rows, n, k);
-            for (index, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "{rows}x{k} · ({n}x{k})ᵀ, output {index}: {g} vs {e}"
-                );
+            // Every kernel this CPU runs (none without AVX2: nothing to check).
+            for kernel in Kernel::available() {
+                let got = product_with(kernel, &x, &w, rows, n, k);
+                for (index, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{kernel:?}: {rows}x{k} · ({n}x{k})ᵀ, output {index}: {g} vs {e}"
+                    );
+                }
             }
         }
     }
@@ -243,15 +376,15 @@ mod tests {
         let (rows, n, k) = (16, 1000, 300);
         assert!(rows * n * k >= PARALLEL_FROM);
         let (x, w) = (values(rows * k, 3), values(n * k, 4));
-        let Some(pooled) = skinny_product(&x, &w, rows, n, k) else {
-            return;
-        };
-        let single = rayon::ThreadPoolBuilder::new()
+        let one_thread = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
-            .unwrap()
-            .install(|| skinny_product(&x, &w, rows, n, k));
-        assert_eq!(Some(pooled), single);
+            .unwrap();
+        for kernel in Kernel::available() {
+            let pooled = product_with(kernel, &x, &w, rows, n, k);
+            let single = one_thread.install(|| product_with(kernel, &x, &w, rows, n, k));
+            assert_eq!(pooled, single, "{kernel:?}");
+        }
     }
 
     #[test]
