@@ -3,7 +3,7 @@
 //! one new token per sequence), as the model computes them (`x · wᵀ`, weights stored as
 //! Hugging Face's [out, in]). Prints GFLOP/s per shape and the products' time per decoding step,
 //! for the backend's own product and for the model's (`Precision::matmul_transposed`: on the CPU
-//! the skinny kernel of `model/skinny_matmul.rs` up to its row limit).
+//! the kernel of `model/cpu_matmul.rs`).
 //! `scripts/bench_torch_matmul.py` times the same products with PyTorch (`F.linear`, MKL/oneDNN):
 //! where both spend most of a decoding step in these products, their ratio bounds how far ahead of
 //! `transformers.generate` our generation can get.
@@ -65,7 +65,7 @@ fn config_from_args() -> (String, LlamaConfig, usize) {
 
 fn run<B: Backend>(device: B::Device, label: &str) {
     let (model, config, rows) = config_from_args();
-    // (the backend's own product, the model's: the skinny kernel where it applies)
+    // (the backend's own product, the model's: the kernel of `cpu_matmul` on the CPU)
     let mut step_seconds = [0.0, 0.0];
     println!("{label}: {model}, {rows} rows; backend's product | model's product");
     for (name, out_features, in_features, per_step) in shapes(&config) {

@@ -95,7 +95,11 @@ fn run<B: Backend>(device: B::Device, label: &str, options: &Options) {
         pad_id: 0,
     };
     let _ = generate(&model, &prompts, &gen_config).unwrap(); // warm-up
-    let gen_tps = median_rate(|| generate(&model, &prompts, &gen_config).unwrap().num_tokens());
+    let gen_tps = median_rate(|| {
+        generate(&model, &prompts, &gen_config)
+            .unwrap()
+            .num_tokens()
+    });
 
     // Two threads, each generating for its half of the prompts (the weights are shared), each
     // in a pool of half the cores as the recipe's peers run.

@@ -13,7 +13,7 @@
 //! a full pass over a large tensor on one thread. Here each is one pass forward and one
 //! backward, over rows split across the thread pool in blocks of a fixed size, so results
 //! repeat bit for bit whatever the number of threads. Used only for f32 tensors of the CPU
-//! backend (found by type, as `model::skinny_matmul` does); other backends keep the composed
+//! backend (found by type, as `model::cpu_matmul` does); other backends keep the composed
 //! ops, which the tests compare against (values and gradients).
 
 use crate::backend::{Cpu, CpuAutodiff};

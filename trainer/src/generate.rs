@@ -6,6 +6,7 @@ use crate::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
 use crate::sampling::{sample, sequence_rng, SamplingParams};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
@@ -144,18 +145,20 @@ pub fn generate_streaming<B: Backend>(
     for step in 0..max_new_tokens {
         let last = last_position_logits(logits);
         let vocab = last.len() / rows;
+        // Rows sample on the thread pool, each from its own generator: the same tokens as
+        // one after the other.
+        let sampled: Vec<u32> = rngs
+            .par_iter_mut()
+            .zip(&out.stopped)
+            .zip(last.par_chunks(vocab))
+            .map(|((rng, &finished), logits)| match finished {
+                true => config.pad_id,
+                false => sample(logits, &config.sampling, rng),
+            })
+            .collect();
         let mut step_tokens = Vec::with_capacity(rows);
-        for row in 0..rows {
+        for (row, &token) in sampled.iter().enumerate() {
             let finished = out.stopped[row];
-            let token = if finished {
-                config.pad_id
-            } else {
-                sample(
-                    &last[row * vocab..(row + 1) * vocab],
-                    &config.sampling,
-                    &mut rngs[row],
-                )
-            };
             if !finished {
                 out.tokens[row].push(token);
                 out.stopped[row] = config.stop_tokens.contains(&token);

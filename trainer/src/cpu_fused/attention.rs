@@ -219,30 +219,42 @@ impl AttentionState {
                     }
                     false => Matrix::rows_of(scratch.as_mut_ptr(), 0, d.keys),
                 };
+                let (query, output) = (
+                    q.matrix(&[b, head]),
+                    Matrix::head_of(out_buffer.ptr(), out_dims, b, head),
+                );
+                let one_query = d.queries == 1 && one_query::applies(&[query, keys, values]);
                 // Safety: the matrices lie in their tensors' storage; this task alone
-                // writes this head's scores and output rows.
+                // writes this head's scores and output rows; `one_query` checked its CPU
+                // and strides.
                 unsafe {
-                    product(
-                        [d.queries, d.keys, d.head_dim],
-                        scores,
-                        q.matrix(&[b, head]),
-                        keys.transposed(),
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    match one_query {
+                        true => one_query::scores(query, keys, scores, d.keys, d.head_dim),
+                        false => product(
+                            [d.queries, d.keys, d.head_dim],
+                            scores,
+                            query,
+                            keys.transposed(),
+                            false,
+                            gemm::Parallelism::None,
+                        ),
+                    }
                     let rows = std::slice::from_raw_parts_mut(scores.start, d.head_scores());
                     for (i, row) in rows.chunks_mut(d.keys).enumerate() {
                         blocked.mask_row([b, kv, g, i], row, self.scale, f32::MIN);
                         softmax_row(row);
                     }
-                    product(
-                        [d.queries, d.head_dim, d.keys],
-                        Matrix::head_of(out_buffer.ptr(), out_dims, b, head),
-                        scores,
-                        values,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                    match one_query {
+                        true => one_query::weighted_sum(scores, values, output, d.keys, d.head_dim),
+                        false => product(
+                            [d.queries, d.head_dim, d.keys],
+                            output,
+                            scores,
+                            values,
+                            false,
+                            gemm::Parallelism::None,
+                        ),
+                    }
                 }
             }
         });
@@ -342,6 +354,140 @@ impl AttentionState {
             heads_view(dk, kv_dims),
             heads_view(dv, kv_dims),
         ]
+    }
+}
+
+/// A decoding step's attention of one head (a single query): the scores `q · k_j` and the
+/// output `Σ_j p_j v_j` in AVX-512 registers, where a call of the `gemm` crate per head costs
+/// more than its arithmetic (two calls per head, per sequence, per layer, every step).
+mod one_query {
+    use super::Matrix;
+
+    /// Whether this CPU has AVX-512 and the rows (query, keys, values) are contiguous.
+    pub(super) fn applies(rows: &[Matrix<f32>]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return rows.iter().all(|m| m.column_stride == 1);
+        }
+        let _ = rows;
+        false
+    }
+
+    /// `scores[j] = query · keys[j]` for `keys` rows of `head_dim`.
+    ///
+    /// # Safety
+    /// [`applies`] holds; the matrices hold `keys` rows of `head_dim` values.
+    pub(super) unsafe fn scores(
+        query: Matrix<f32>,
+        keys: Matrix<f32>,
+        scores: Matrix<f32>,
+        count: usize,
+        head_dim: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::scores(query.start, keys, scores.start, count, head_dim)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (query, keys, scores, count, head_dim);
+            unreachable!("`applies` is false off x86-64")
+        }
+    }
+
+    /// `output = Σ_j probs[j] · values[j]`.
+    ///
+    /// # Safety
+    /// As [`scores`]; `output` holds `head_dim` values.
+    pub(super) unsafe fn weighted_sum(
+        probs: Matrix<f32>,
+        values: Matrix<f32>,
+        output: Matrix<f32>,
+        count: usize,
+        head_dim: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::weighted_sum(probs.start, values, output.start, count, head_dim)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (probs, values, output, count, head_dim);
+            unreachable!("`applies` is false off x86-64")
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx512 {
+        use super::Matrix;
+        use std::arch::x86_64::*;
+
+        /// The lanes of `head_dim` from `t` on (sixteen, or fewer at the end).
+        fn lanes(t: usize, head_dim: usize) -> __mmask16 {
+            match head_dim - t {
+                16.. => 0xFFFF,
+                rest => (1u16 << rest) - 1,
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn scores(
+            query: *const f32,
+            keys: Matrix<f32>,
+            scores: *mut f32,
+            count: usize,
+            head_dim: usize,
+        ) {
+            for j in 0..count {
+                // Safety: row j of keys, and the query, hold head_dim values.
+                unsafe {
+                    let key = keys.start.offset(j as isize * keys.row_stride);
+                    let mut sum = _mm512_setzero_ps();
+                    for t in (0..head_dim).step_by(16) {
+                        let mask = lanes(t, head_dim);
+                        let (q, k) = (
+                            _mm512_maskz_loadu_ps(mask, query.add(t)),
+                            _mm512_maskz_loadu_ps(mask, key.add(t)),
+                        );
+                        sum = _mm512_fmadd_ps(q, k, sum);
+                    }
+                    *scores.add(j) = _mm512_reduce_add_ps(sum);
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn weighted_sum(
+            probs: *const f32,
+            values: Matrix<f32>,
+            output: *mut f32,
+            count: usize,
+            head_dim: usize,
+        ) {
+            // Up to four accumulators of sixteen lanes side by side (64 values of head_dim),
+            // so that consecutive multiply-adds do not wait on each other.
+            for first in (0..head_dim).step_by(64) {
+                let mut sums = [_mm512_setzero_ps(); 4];
+                let chunks = (head_dim - first).div_ceil(16).min(4);
+                for j in 0..count {
+                    // Safety: row j of values holds head_dim values; probs holds count.
+                    unsafe {
+                        let p = _mm512_set1_ps(*probs.add(j));
+                        let row = values.start.offset(j as isize * values.row_stride);
+                        for (c, sum) in sums.iter_mut().enumerate().take(chunks) {
+                            let t = first + 16 * c;
+                            let v = _mm512_maskz_loadu_ps(lanes(t, head_dim), row.add(t));
+                            *sum = _mm512_fmadd_ps(p, v, *sum);
+                        }
+                    }
+                }
+                for (c, sum) in sums.iter().enumerate().take(chunks) {
+                    let t = first + 16 * c;
+                    // Safety: output holds head_dim values.
+                    unsafe { _mm512_mask_storeu_ps(output.add(t), lanes(t, head_dim), *sum) };
+                }
+            }
+        }
     }
 }
 
@@ -477,6 +623,41 @@ mod tests {
             .unwrap_or_else(|_| panic!("the CPU path"));
         let [tracked, ..] = run(true, [q, k, v, upstream]);
         assert_eq!(plain.into_data(), tracked.into_data());
+    }
+
+    #[test]
+    fn one_query_per_head_as_decoding_matches_the_composed_form() {
+        // head_dim 80: five sixteen-lane chunks, the last past the first four accumulators;
+        // 21 keys of which some are blocked.
+        let (heads, kv_heads, keys, head_dim) = (6, 2, 21, 80);
+        let device = Default::default();
+        let tensor = |shape: [usize; 4], seed| {
+            let values = spread_values(shape.iter().product(), seed);
+            Tensor::<Cpu, 4>::from_data(TensorData::new(values, shape), &device)
+        };
+        let q = tensor([BATCH, 1, heads, head_dim], 31).swap_dims(1, 2);
+        let k = tensor([BATCH, kv_heads, keys, head_dim], 32);
+        let v = tensor([BATCH, kv_heads, keys, head_dim], 33);
+        let blocked: Vec<bool> = (0..BATCH * keys).map(|i| i % 5 == 3).collect();
+        let blocked = Tensor::<Cpu, 5, Bool>::from_data(
+            TensorData::new(blocked, [BATCH, 1, 1, 1, keys]),
+            &device,
+        );
+        let scale = (head_dim as f64).powf(-0.5);
+        let fused = attention(q.clone(), k.clone(), v.clone(), &blocked, scale)
+            .unwrap_or_else(|_| panic!("the CPU path"));
+        let groups = heads / kv_heads;
+        let repeat = |x: Tensor<Cpu, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([BATCH, kv_heads, groups, keys, head_dim])
+                .reshape([BATCH, heads, keys, head_dim])
+        };
+        let mask = blocked
+            .reshape([BATCH, 1, 1, keys])
+            .expand([BATCH, heads, 1, keys]);
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * scale;
+        let composed = softmax(scores.mask_fill(mask, f32::MIN), 3).matmul(repeat(v));
+        assert_close("one query", fused, composed, 1e-5);
     }
 
     #[test]

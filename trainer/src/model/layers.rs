@@ -22,9 +22,9 @@ impl Precision {
     /// `x[rows, in] @ w[out, in]^T` in this precision; the result is f32.
     pub fn matmul_transposed<B: Backend>(self, x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
-            // Decoding's few rows on the CPU: a product that does not re-pack the weights;
-            // training on the CPU: one that writes the weight's gradient in its own layout.
-            Self::F32 => super::skinny_matmul::matmul_transposed(&x, &w).unwrap_or_else(|| {
+            // Inference on the CPU: a product that does not re-pack the weights; training on
+            // the CPU: one that writes the weight's gradient in its own layout.
+            Self::F32 => super::cpu_matmul::matmul_transposed(&x, &w).unwrap_or_else(|| {
                 crate::cpu_fused::matmul_transposed(x, w)
                     .unwrap_or_else(|(x, w)| x.matmul(w.transpose()))
             }),

@@ -2,12 +2,13 @@
 //! optional LoRA adapter, RMSNorm, rotary positions), `attention` the attention module with its
 //! editable context and per-layer key/value stores, `exec` how a layer runs (dense, gated,
 //! skipping), `config` the family's config.json, `vision` the ViT encoder and projector,
-//! `token_pruning` the operators that choose which tokens go on, `skinny_matmul` the CPU
-//! product for decoding's few rows; each model family has one file (`llama`)
+//! `token_pruning` the operators that choose which tokens go on, `cpu_matmul` the CPU
+//! product of the linear layers in inference; each model family has one file (`llama`)
 //! holding its layers and the one decoder loop.
 
 pub mod attention;
 pub mod config;
+pub mod cpu_matmul;
 pub mod exec;
 pub mod init;
 pub mod layers;
@@ -15,6 +16,5 @@ pub mod llama;
 pub mod mask;
 pub mod router;
 pub mod series;
-pub mod skinny_matmul;
 pub mod token_pruning;
 pub mod vision;
