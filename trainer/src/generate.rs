@@ -1,6 +1,7 @@
 //! Batched generation with a KV cache: prompts are left-padded into one batch, the prompt
 //! is processed once, then one token per step attends over the cache.
 
+use crate::backend::on_a_pool_thread;
 use crate::model::llama::{CausalLm, KvCache};
 use crate::model::mask::{causal_mask, int_tensor, token_tensor, PaddedBatch};
 use crate::sampling::{sample, sequence_rng, SamplingParams};
@@ -103,7 +104,18 @@ pub fn generate<B: Backend>(
 }
 
 /// As [`generate`], calling `on_token(row, token)` for each new token as soon as it is chosen.
+/// Runs on a thread of the thread pool (see [`on_a_pool_thread`]).
 pub fn generate_streaming<B: Backend>(
+    model: &CausalLm<B>,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    on_token: impl FnMut(usize, u32) + Send,
+) -> Result<Generated> {
+    on_a_pool_thread(|| generate_here(model, prompts, config, on_token))
+}
+
+/// [`generate_streaming`] on this thread.
+fn generate_here<B: Backend>(
     model: &CausalLm<B>,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,

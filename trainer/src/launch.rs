@@ -71,7 +71,9 @@ pub fn run_on_each_device(
     };
     let work = |index: usize| work(devices[index].clone(), specs[index]);
     if !launch.is_data_parallel() {
-        return work(0);
+        // One peer still runs on a thread pool of its own: parallel kernels called from a
+        // pool thread share work directly (`backend::on_a_pool_thread`).
+        return on_cores_of_its_own(Some(share_of_cores(1)), || work(0));
     }
     // CPU peers split the machine's cores: each runs in a thread pool of its share, so that
     // its parallel kernels never wait on (or wake) threads that the other peers keep busy.
