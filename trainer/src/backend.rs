@@ -33,7 +33,7 @@ pub fn keep_freed_memory() {
 /// Runs `work` on a thread of the global thread pool (on this thread when it is one). The CPU
 /// backend's parallel kernels, called from outside the pool, each hand their job to the pool
 /// and sleep until it is done; called from a pool thread, they share the work with the other
-/// threads directly. Generation ran 1.15-1.3x faster so on the 2-core machine (BENCHMARKS.md).
+/// threads directly. Generation ran 1.12-1.37x faster so on the 2-core machine (BENCHMARKS.md).
 pub fn on_a_pool_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     match rayon::current_thread_index() {
         Some(_) => work(),
