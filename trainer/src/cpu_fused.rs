@@ -797,10 +797,12 @@ pub fn rope<B: Backend>(
     sin: &Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
     let shape = x.shape();
-    let is_cpu = TypeId::of::<B>() == TypeId::of::<Cpu>();
-    let is_cpu_autodiff = TypeId::of::<B>() == TypeId::of::<CpuAutodiff>();
-    let f32s = [&x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
-    if !(is_cpu || is_cpu_autodiff) || !f32s || cos.shape() != shape || sin.shape() != shape {
+    let dtypes = [x.dtype(), cos.dtype(), sin.dtype()];
+    let (inference, autodiff) = (
+        on_cpu_inference::<B>(&dtypes),
+        on_cpu_autodiff::<B>(&dtypes),
+    );
+    if !(inference || autodiff) || cos.shape() != shape || sin.shape() != shape {
         return Err(x);
     }
     let head_dim = shape.dims::<4>()[3];
@@ -828,12 +830,7 @@ pub fn rope<B: Backend>(
                 y,
             )))
         }
-        Err(x) => {
-            let x: Tensor<Cpu, 4> = checked(x);
-            let y = forward(&x.into_primitive().tensor());
-            let y = Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(y));
-            Ok(checked(y))
-        }
+        Err(x) => Ok(from_cpu_values(forward(&cpu_values(x)))),
     }
 }
 
